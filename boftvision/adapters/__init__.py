@@ -1,0 +1,11 @@
+"""Adapter layers, one file per method, and the wrapper that holds them."""
+from .base import AdaptedLayer, Adapter, LayerShape
+from .boft import BOFT, OrthogonalAdapter
+from .lora import LoRA
+from .oft import OFT
+from .vblora import VBLoRA, new_vector_bank
+
+ADAPTER_CLASSES = {"lora": LoRA, "vblora": VBLoRA, "oft": OFT, "boft": BOFT}
+
+__all__ = ["AdaptedLayer", "Adapter", "LayerShape", "BOFT", "OFT", "LoRA", "VBLoRA", "OrthogonalAdapter",
+           "new_vector_bank", "ADAPTER_CLASSES"]

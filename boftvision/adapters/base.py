@@ -1,0 +1,123 @@
+"""The shared contract: a wrapper that holds a frozen base layer and named adapters, and the
+``Adapter`` interface every method implements (forward given the base layer, merge/unmerge,
+PEFT-named state, stored-parameter count)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class LayerShape:
+    """Geometry of a supported base layer: ``d`` (flattened input width: in_features, or
+    in_channels·kh·kw for Conv2d) and ``n`` (out features/channels)."""
+
+    def __init__(self, layer: nn.Module, name: str):
+        self.name = name
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        if isinstance(layer, nn.Linear):
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+            self.d = layer.in_features
+        elif isinstance(layer, nn.Conv2d):
+            if layer.groups != 1:
+                raise ValueError(f"layer '{name}': Conv2d with groups={layer.groups} is not supported; "
+                                 "target only convs with groups=1")
+            self.in_features, self.out_features = layer.in_channels, layer.out_channels
+            self.d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        else:
+            raise TypeError(f"layer '{name}' is a {type(layer).__name__}; boftvision adapts nn.Linear and "
+                            "nn.Conv2d — narrow target_modules to those")
+        self.n = self.out_features
+
+    def describe(self) -> str:
+        if self.is_conv:
+            return f"layer '{self.name}' (Conv2d, in_channels·kh·kw={self.d}, out_channels={self.n})"
+        return f"layer '{self.name}' (Linear, in_features={self.d}, out_features={self.n})"
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer computes in: autocast's when on, else the base weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class Adapter(nn.Module):
+    """One method's trainable state for one base layer. Subclasses implement the math by calling
+    ``boftvision.ops``; they never hold the base layer (the wrapper passes it in)."""
+
+    def __init__(self, shape: LayerShape, config):
+        super().__init__()
+        self.shape = shape
+        self.config = config
+
+    def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def unmerge(self, base: nn.Module) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:  # pragma: no cover
+        """Tensors under PEFT's per-module key names (adapter name stripped)."""
+        raise NotImplementedError
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in; every key must exist with the same shape (checked by the caller)."""
+        own = self.peft_state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value.to(own[key].dtype))
+
+    def stored_parameters(self) -> int:
+        """Parameters a trained adapter needs to store (the papers' count; shared banks excluded)."""
+        return sum(p.numel() for p in self.parameters(recurse=True))
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a frozen base layer; holds named adapters; forwards through the active one.
+
+    ``base_layer`` is the user's original module object: removing every adapter puts it back.
+    Attributes the wrapper lacks (``weight``, ``in_features``, …) are read from the base layer.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.merged: str | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled or self.active is None or self.merged is not None:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapters[self.active](self.base_layer, x)
+
+    def merge(self) -> None:
+        if self.active is None or self.merged is not None:
+            return
+        self.adapters[self.active].merge(self.base_layer)
+        self.merged = self.active
+
+    def unmerge(self) -> None:
+        if self.merged is None:
+            return
+        self.adapters[self.merged].unmerge(self.base_layer)
+        self.merged = None
+
+    def extra_repr(self) -> str:
+        return f"active={self.active!r}, merged={self.merged!r}, disabled={self.disabled}"

@@ -1,0 +1,151 @@
+"""BOFT (Liu et al., ICLR 2024): the input side of W0 is rotated by ``R = B_{m−1} ⋯ B_0`` (butterfly
+components of Cayley-orthogonal b×b blocks) and the output scaled by a learnable ``s``.
+
+PEFT's layout: ``boft_R`` (m, N, b, b) — full blocks, the skew part is used; ``boft_s`` (n, 1) for
+Linear, (1, n) for Conv2d. ``y = s ⊙ ((x R) W0ᵀ) + bias``. The rotation is never built as a d×d matrix:
+it is applied to the activations or to the rows of W0, whichever costs less for the call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import BOFTConfig, OFTConfig
+from ..ops.orthogonal import (
+    butterfly_apply, cayley, check_butterfly_shape, max_butterfly_factors, multiplicative_dropout,
+    rotate_weight, skew_from_square,
+)
+from .base import Adapter, LayerShape, compute_dtype
+
+
+def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_factors: int) -> int:
+    """Resolve b for this layer and check (d, b, m); the error names the layer and values that work."""
+    d = shape.d
+    if config.block_num:
+        if d % config.block_num:
+            good = [k for k in range(1, d + 1) if d % k == 0 and check_butterfly_shape(d, d // k, n_factors) is None]
+            near = min(good, key=lambda k: abs(k - config.block_num))
+            raise ValueError(f"{shape.describe()}: block_num {config.block_num} does not divide width {d}; "
+                             f"use a block_num dividing it (e.g. {near})")
+        b = d // config.block_num
+    else:
+        b = config.block_size
+    problem = check_butterfly_shape(d, b, n_factors)
+    if problem:
+        good = [k for k in range(1, d + 1) if check_butterfly_shape(d, k, n_factors) is None]
+        hint = f"block_size={min(good, key=lambda k: abs(k - b))}" if good else "n_butterfly_factor=1"
+        if b <= d and d % b == 0 and n_factors > max_butterfly_factors(d, b):
+            hint += f" or n_butterfly_factor ≤ {max_butterfly_factors(d, b)}"
+        raise ValueError(f"{shape.describe()}: {problem}; try {hint}")
+    return b
+
+
+class OrthogonalAdapter(Adapter):
+    """What OFT and BOFT share: blocks → (dropout, interpolation) → rotation on the cheaper side."""
+
+    rotation_side = "auto"  # "auto" | "input" | "weight" (tests and benchmarks pin a side)
+
+    def __init__(self, shape: LayerShape, config, n_factors: int, block_size: int):
+        super().__init__(shape, config)
+        self.n_factors, self.block_size = n_factors, block_size
+        self.block_num = shape.d // block_size
+        self.identity_factors = 0  # butterfly interpolation: leftmost components set to I
+        self.reset_scale = False
+
+    # --- method-specific parametrisation -------------------------------------------------
+    def orthogonal_blocks(self) -> torch.Tensor:  # pragma: no cover
+        """(m, N, b, b) fp32 blocks from the parameters."""
+        raise NotImplementedError
+
+    def output_scale(self) -> torch.Tensor | None:
+        return None
+
+    # --- shared -------------------------------------------------------------------------
+    def rotation_blocks(self) -> torch.Tensor:
+        blocks = self.orthogonal_blocks()
+        if self.training and self.config.dropout > 0:
+            blocks = multiplicative_dropout(blocks, self.config.dropout)
+        if self.identity_factors:
+            keep = self.n_factors - min(self.identity_factors, self.n_factors)
+            eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
+            blocks = torch.cat([blocks[:keep], eye.expand_as(blocks[keep:])])
+        return blocks
+
+    def scale(self) -> torch.Tensor | None:
+        return None if self.reset_scale else self.output_scale()
+
+    def choose_side(self, x: torch.Tensor) -> str:
+        if self.shape.is_conv:
+            return "weight"
+        if self.rotation_side != "auto":
+            return self.rotation_side
+        tokens = x.numel() // self.shape.d
+        rotate = self.n_factors * self.block_size * self.shape.d
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        # weight side needs an extra tokens×n×d matmul for the rotated weight's gradient
+        weight_cost = self.shape.n * rotate + (2 * tokens * self.shape.n * self.shape.d if training else 0)
+        return "input" if tokens * rotate < weight_cost else "weight"
+
+    def rotated_weight(self, base: nn.Module, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        weight = rotate_weight(base.weight.to(dtype), blocks.to(dtype))
+        s = self.scale()
+        if s is not None:
+            weight = weight * s.reshape(-1, *[1] * (weight.dim() - 1)).to(dtype)
+        return weight
+
+    def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x, base.weight)
+        blocks = self.rotation_blocks()
+        bias = None if base.bias is None else base.bias.to(dtype)
+        x = x.to(dtype)
+        if self.choose_side(x) == "weight":
+            weight = self.rotated_weight(base, blocks, dtype)
+            if self.shape.is_conv:
+                return base._conv_forward(x, weight, bias)
+            return F.linear(x, weight, bias)
+        y = F.linear(butterfly_apply(x, blocks.to(dtype)), base.weight.to(dtype))
+        s = self.scale()
+        if s is not None:
+            y = y * s.reshape(-1).to(dtype)
+        return y if bias is None else y + bias
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        base.weight.copy_(self.rotated_weight(base, self.rotation_blocks(), torch.float32).to(base.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        weight = base.weight.float()
+        s = self.scale()
+        if s is not None:
+            weight = weight / s.reshape(-1, *[1] * (weight.dim() - 1)).float()
+        restored = rotate_weight(weight, self.rotation_blocks(), inverse=True)
+        base.weight.copy_(restored.to(base.weight.dtype))
+
+    def stored_parameters(self) -> int:
+        """Effective count: b(b−1)/2 free entries per skew block, plus the output scale if any."""
+        b = self.block_size
+        s = self.output_scale()
+        return self.n_factors * self.block_num * b * (b - 1) // 2 + (0 if s is None else s.numel())
+
+
+class BOFT(OrthogonalAdapter):
+    def __init__(self, shape: LayerShape, config: BOFTConfig, base: nn.Module):
+        m = config.n_butterfly_factor
+        super().__init__(shape, config, m, block_size_for_layer(shape, config, m))
+        b, n = self.block_size, self.block_num
+        self.boft_R = nn.Parameter(torch.zeros(m, n, b, b))
+        self.boft_s = nn.Parameter(torch.ones(1, shape.n) if shape.is_conv else torch.ones(shape.n, 1))
+        if not config.init_weights:
+            nn.init.normal_(self.boft_R, 0.0, 0.1)
+            nn.init.normal_(self.boft_s, 1.0, 0.1)
+
+    def orthogonal_blocks(self) -> torch.Tensor:
+        return cayley(skew_from_square(self.boft_R))
+
+    def output_scale(self) -> torch.Tensor:
+        return self.boft_s
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"boft_R": self.boft_R, "boft_s": self.boft_s}

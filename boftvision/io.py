@@ -1,0 +1,156 @@
+"""Save/load adapters in PEFT's layout: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Keys are ``base_model.model.<module path>.<PEFT parameter name>`` with the adapter name stripped;
+VB-LoRA's shared bank is ``base_model.vblora_vector_bank``. A directory written by PEFT's
+``save_pretrained`` loads here and ours loads in ``PeftModel.from_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import VBLoRA
+from .config import AdapterConfig, config_from_dict
+from .inject import adapted_layers, adapter_configs, add_adapter, merge_and_unload, remove_adapter
+from .ops.vector_bank import topk_compress, topk_expand
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+BANK_KEY = "base_model.vblora_vector_bank"
+TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (live tensors, not copies)."""
+    if name not in adapter_configs(model):
+        raise ValueError(f"no adapter named {name!r}; this model has {sorted(adapter_configs(model))}")
+    state = {}
+    for layer_name, layer in adapted_layers(model):
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            for key, tensor in adapter.peft_state_dict().items():
+                state[f"{PREFIX}{layer_name}.{key}"] = tensor
+            if isinstance(adapter, VBLoRA):
+                state[BANK_KEY] = adapter.vblora_vector_bank
+    return state
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json``; returns the dir."""
+    config = adapter_configs(model).get(name)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    if getattr(config, "save_only_topk_weights", False):
+        for key in [k for k in state if "vblora_logits" in k]:
+            indices, weights = topk_compress(state.pop(key), config.topk)
+            state[key + TOPK_INDICES], state[key + TOPK_WEIGHTS] = indices, weights
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    data = config.to_dict()
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    (path / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """A local directory, or a Hub repo id fetched with huggingface_hub (when online)."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"adapter directory {str(path)!r} not found (expected a folder holding "
+                                f"{WEIGHTS_NAME} and {CONFIG_NAME})")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover
+        raise FileNotFoundError(f"{path!r} is not a local folder and huggingface_hub is not installed") from err
+    return Path(snapshot_download(str(path), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME]))
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter directory, with clear errors for missing or corrupt files."""
+    folder = resolve_adapter_dir(path)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing; an adapter directory holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+    try:
+        config = config_from_dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights_file} is not a readable safetensors file (truncated or corrupt?): {err}. "
+                         "Re-save or re-download the adapter.") from err
+    return config, state
+
+
+def _expand_topk(state: dict[str, torch.Tensor], num_vectors: int) -> tuple[dict[str, torch.Tensor], bool]:
+    keys = [k for k in state if k.endswith(TOPK_INDICES)]
+    for key in keys:
+        base = key[: -len(TOPK_INDICES)]
+        state[base] = topk_expand(state.pop(key), state.pop(base + TOPK_WEIGHTS), num_vectors)
+    return state, bool(keys)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 is_trainable: bool = True) -> nn.Module:
+    """Add adapter ``name`` from a PEFT-layout directory and load its weights.
+
+    Errors (the model is left as it was): the name exists already; a key for a module the model lacks;
+    a tensor whose shape differs (module and both shapes named); a corrupt file.
+    """
+    if name in adapter_configs(model):
+        raise ValueError(f"adapter {name!r} is already loaded; use another name= or remove_adapter first")
+    config, state = read_adapter(path)
+    topk_only = False
+    if config.method == "vblora":
+        state, topk_only = _expand_topk(state, config.num_vectors)
+    add_adapter(model, config, name)
+    try:
+        own = adapter_state_dict(model, name)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if unexpected or missing:
+            raise ValueError(
+                f"adapter at {path} does not fit this model: keys for modules it lacks "
+                f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; missing keys {missing[:5]}. "
+                "Was it trained on another architecture, or with other target_modules?")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[key].shape):
+                module = key[len(PREFIX):] if key.startswith(PREFIX) else key
+                raise ValueError(f"adapter at {path} does not fit this model: {module} has shape "
+                                 f"{tuple(tensor.shape)} in the file but {tuple(own[key].shape)} here "
+                                 f"(made for another model or other {config.method} settings)")
+        with torch.no_grad():
+            for key, tensor in state.items():
+                own[key].copy_(tensor.to(own[key].dtype))
+    except Exception:
+        remove_adapter(model, name)
+        raise
+    for _, layer in adapted_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        if isinstance(adapter, VBLoRA):
+            adapter.topk_only = topk_only
+        if adapter is not None and (not is_trainable or topk_only):
+            adapter.requires_grad_(False)
+    return model
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Merge the active adapter into the weights, drop the wrappers and save the plain model's
+    state dict as ``model.safetensors`` (for models without their own ``save_pretrained``)."""
+    model = merge_and_unload(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    return path

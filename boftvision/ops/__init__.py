@@ -1,0 +1,1 @@
+"""Pure tensor functions for the adapter math (no nn.Module state)."""

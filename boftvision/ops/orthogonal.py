@@ -1,0 +1,197 @@
+"""Orthogonal-transform math for OFT and BOFT: pure functions on tensors, no module state.
+
+Notation (see PAPERS.md): a layer has input width ``d``; the rotation ``R`` (d×d) is the product of
+``m`` butterfly factors ``R = B_{m-1} ⋯ B_0`` with ``B_i = P_i · blockdiag(D_i) · P_iᵀ``. Each ``D_i`` holds
+``N = d / b`` orthogonal blocks of size ``b``. ``P_0`` is the identity; ``P_i`` (i ≥ 1) reorders the
+``b/2``-wide chunks of every segment of ``b·2^i`` features even-indexed first, then odd, exactly as
+PEFT's ``block_butterfly_perm`` does, so block ``j`` of factor ``i`` joins chunks ``j`` and ``j + 2^i``.
+
+No function here builds a dense d×d matrix: permutations are reshapes/transposes folded into one
+batched block product per factor.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def skew_from_square(params: torch.Tensor) -> torch.Tensor:
+    """Skew-symmetric part ``Q = (S − Sᵀ)/2`` of square blocks ``S`` (..., b, b); PEFT BOFT's convention."""
+    return 0.5 * (params - params.transpose(-1, -2))
+
+
+def skew_from_upper(vec: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Skew-symmetric blocks ``Q = U − Uᵀ`` from strict-upper-triangle entries (PEFT OFT's convention).
+
+    vec: (N, b(b−1)/2), filled row-major like ``torch.triu_indices(b, b, 1)``. Returns (N, b, b).
+    """
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
+    upper = vec.new_zeros(vec.shape[0], block_size, block_size)
+    upper[:, rows, cols] = vec
+    return upper - upper.transpose(-1, -2)
+
+
+def upper_from_skew(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`skew_from_upper`: (N, b, b) skew blocks → (N, b(b−1)/2)."""
+    b = q.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1, device=q.device)
+    return q[:, rows, cols]
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley transform of skew blocks, batched, in fp32: ``R = (I − Q)(I + Q)⁻¹``.
+
+    This is PEFT's sign convention (the transpose of the paper's ``(I + Q)(I − Q)⁻¹``); both are exactly
+    orthogonal and equal the identity at ``Q = 0``. q: (..., b, b) → (..., b, b) fp32.
+    """
+    q = q.float()
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+def cayley_neumann(q: torch.Tensor, num_terms: int = 5) -> torch.Tensor:
+    """Truncated-Neumann Cayley transform (PEFT OFT's default), batched, in fp32.
+
+    ``R ≈ (I + Q)(I + Q + Q² + …) = I + 2Q + 2Q² + … + 2Q^{n−2} + Q^{n−1}`` for ``n = num_terms``.
+    Note the sign: this approximates ``(I + Q)(I − Q)⁻¹``, the transpose of :func:`cayley`'s result,
+    because PEFT's two OFT paths differ in this way; we follow PEFT. It is *not* exactly orthogonal: the
+    error grows like ‖Q‖^n.
+    """
+    q = q.float()
+    b = q.shape[-1]
+    r = torch.eye(b, device=q.device, dtype=q.dtype).expand_as(q).clone()
+    if num_terms > 1:
+        r = r + 2.0 * q
+    if num_terms > 2:
+        power = q
+        for _ in range(2, num_terms - 1):
+            power = power @ q
+            r = r + 2.0 * power
+        r = r + power @ q
+    return r
+
+
+def orthogonality_error(r: torch.Tensor) -> torch.Tensor:
+    """max ‖RᵀR − I‖_F over a batch of square matrices (..., b, b)."""
+    eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)
+    return torch.linalg.matrix_norm(r.transpose(-1, -2) @ r - eye).max()
+
+
+def butterfly_perm(width: int, block_size: int, factor: int) -> torch.Tensor:
+    """Index form of ``P_i`` (PEFT's ``block_butterfly_perm``): ``x @ P_iᵀ == x[..., perm]``.
+
+    Only used to check the reshape form and to build reference matrices in tests.
+    """
+    if factor == 0:
+        return torch.arange(width)
+    half = block_size // 2
+    group = 2 ** factor
+    chunks = torch.arange(width).view(width // (2 * half * group), 2 * group, half)
+    order = torch.cat([torch.arange(0, 2 * group, 2), torch.arange(1, 2 * group, 2)])
+    return chunks[:, order].reshape(width)
+
+
+def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Tensor:
+    """``x @ B_i`` for ``B_i = P_i · blockdiag(blocks) · P_iᵀ``, with ``P_i`` as reshapes.
+
+    x: (..., d); blocks: (N, b, b) with N·b = d. Factor 0 is plain block-diagonal. For factor i ≥ 1
+    the features of each segment of b·2^i are viewed as (2, 2^i, b/2): block j mixes chunk (0, j) with
+    chunk (1, j), i.e. chunks j and j + 2^i, which is what the permutation sandwich does.
+    """
+    n, b, _ = blocks.shape
+    lead = x.shape[:-1]
+    if factor == 0:
+        y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, n, b), blocks)
+        return y.reshape(*lead, n * b)
+    group, half = 2 ** factor, b // 2
+    segments = n // group
+    xv = x.reshape(*lead, segments, 2, group, half)
+    dv = blocks.reshape(segments, group, 2, half, 2, half)
+    y = torch.einsum("...sejt,sjetfu->...sfju", xv, dv)
+    return y.reshape(*lead, n * b)
+
+
+def butterfly_apply(
+    x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, inverse: bool = False
+) -> torch.Tensor:
+    """Multiply the rows of ``x`` by the butterfly rotation: ``x @ R`` (or ``Rᵀ``, ``R⁻¹``, ``R⁻ᵀ``).
+
+    x: (..., d). blocks: (m, N, b, b), factor ``i`` = ``blocks[i]``, ``R = B_{m−1} ⋯ B_0``.
+    - ``x @ R`` applies B_{m−1} first (activation side: ``y = (x R) W0ᵀ``).
+    - ``x @ Rᵀ`` applies B_0ᵀ first (weight side: rows of W0 become ``W0 Rᵀ``).
+    Inverses use batched block inverses (exact for Neumann blocks too). Cost O(m·b·d) per row.
+    """
+    if inverse:
+        blocks = torch.linalg.inv(blocks.float()).to(blocks.dtype)
+    if transpose:
+        blocks = blocks.transpose(-1, -2)
+    order = range(blocks.shape[0])
+    if transpose == inverse:
+        order = reversed(order)
+    for i in order:
+        x = apply_factor(x, blocks[i], i)
+    return x
+
+
+def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Weight-side rotation of a (n, d, ...) weight flattened to (n, d'): ``W0 Rᵀ`` (or ``W R⁻ᵀ``).
+
+    With this, ``F.linear(x, W0 Rᵀ) == F.linear(x @ R, W0)``; Conv2d weights are flattened over
+    (in_channels, kh, kw), PyTorch's layout.
+    """
+    flat = weight.reshape(weight.shape[0], -1)
+    return butterfly_apply(flat, blocks, transpose=not inverse, inverse=inverse).reshape(weight.shape)
+
+
+def dense_rotation(blocks: torch.Tensor) -> torch.Tensor:
+    """The d×d matrix R (for tests, merging checks and analysis only; never in a training step)."""
+    m, n, b, _ = blocks.shape
+    eye = torch.eye(n * b, device=blocks.device, dtype=blocks.dtype)
+    return butterfly_apply(eye, blocks)
+
+
+def check_butterfly_shape(width: int, block_size: int, n_factors: int) -> str | None:
+    """Why (width, block_size, m) cannot form a butterfly, or None when it can.
+
+    Needs b | d, and for m > 1: b even and b·2^(m−1) | d (each factor doubles the span a block reaches).
+    """
+    if block_size < 1 or width % block_size:
+        return f"block size {block_size} does not divide width {width}"
+    if n_factors > 1:
+        if block_size % 2:
+            return f"block size {block_size} must be even for n_butterfly_factor > 1"
+        span = block_size * 2 ** (n_factors - 1)
+        if width % span:
+            return (
+                f"n_butterfly_factor={n_factors} with block size {block_size} needs width divisible by "
+                f"{block_size}·2^{n_factors - 1} = {span}, but width is {width}"
+            )
+    return None
+
+
+def max_butterfly_factors(width: int, block_size: int) -> int:
+    """Largest m for which (width, block_size, m) is valid; log2(d/b)+1 for a power-of-two ratio."""
+    if width % block_size:
+        return 0
+    if block_size % 2:
+        return 1
+    m = 1
+    while width % (block_size * 2 ** m) == 0:
+        m += 1
+    return m
+
+
+def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
+    """BOFT's multiplicative dropout: in one randomly chosen factor, replace ⌊p·N⌋ random blocks by I.
+
+    blocks: (m, N, b, b) orthogonal blocks. Returns a new tensor; gradients flow to the kept blocks.
+    """
+    m, n, b, _ = blocks.shape
+    n_drop = int(p * n)
+    if n_drop == 0:
+        return blocks
+    factor = int(torch.randint(0, m, (1,)))
+    dropped = torch.randperm(n)[:n_drop].to(blocks.device)
+    mask = torch.zeros(m, n, 1, 1, device=blocks.device, dtype=blocks.dtype)
+    mask[factor, dropped] = 1.0
+    eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
+    return blocks * (1 - mask) + eye * mask
