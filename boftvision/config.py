@@ -225,7 +225,8 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Build the right config from a PEFT/boftvision ``adapter_config.json`` dict."""
-    peft_type = str(data.get("peft_type", "")).upper()
+    peft_type = data.get("peft_type", "")
+    peft_type = str(getattr(peft_type, "value", peft_type)).upper()  # PEFT's enum or its JSON string
     if peft_type not in CONFIG_CLASSES:
         raise ValueError(
             f"adapter config has peft_type={data.get('peft_type')!r}; boftvision reads "

@@ -51,7 +51,8 @@ def cayley(q: torch.Tensor) -> torch.Tensor:
 def cayley_neumann(q: torch.Tensor, num_terms: int = 5) -> torch.Tensor:
     """Truncated-Neumann Cayley transform (PEFT OFT's default), batched, in fp32.
 
-    ``R ≈ (I + Q)(I + Q + Q² + …) = I + 2Q + 2Q² + … + 2Q^{n−2} + Q^{n−1}`` for ``n = num_terms``.
+    ``R ≈ (I + Q)(I + Q + Q² + …) = I + 2Q + 2Q² + … + 2Q^{n−2} + Q^{n−1}`` for ``n = num_terms ≥ 4``
+    (PEFT's loop, which we match exactly: n = 3 gives the n = 4 series).
     Note the sign: this approximates ``(I + Q)(I − Q)⁻¹``, the transpose of :func:`cayley`'s result,
     because PEFT's two OFT paths differ in this way; we follow PEFT. It is *not* exactly orthogonal: the
     error grows like ‖Q‖^n.
@@ -62,11 +63,12 @@ def cayley_neumann(q: torch.Tensor, num_terms: int = 5) -> torch.Tensor:
     if num_terms > 1:
         r = r + 2.0 * q
     if num_terms > 2:
-        power = q
-        for _ in range(2, num_terms - 1):
+        power = q @ q
+        r = r + 2.0 * power
+        for _ in range(3, num_terms - 1):
             power = power @ q
             r = r + 2.0 * power
-        r = r + power @ q
+        r = r + power @ q  # PEFT's loop: num_terms=3 therefore also ends in Q³ (same as 4)
     return r
 
 
@@ -121,7 +123,8 @@ def butterfly_apply(
     Inverses use batched block inverses (exact for Neumann blocks too). Cost O(m·b·d) per row.
     """
     if inverse:
-        blocks = torch.linalg.inv(blocks.float()).to(blocks.dtype)
+        wide = blocks.float() if blocks.dtype in (torch.float16, torch.bfloat16) else blocks
+        blocks = torch.linalg.inv(wide).to(blocks.dtype)
     if transpose:
         blocks = blocks.transpose(-1, -2)
     order = range(blocks.shape[0])
@@ -139,7 +142,7 @@ def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor, inverse: bool = Fa
     (in_channels, kh, kw), PyTorch's layout.
     """
     flat = weight.reshape(weight.shape[0], -1)
-    return butterfly_apply(flat, blocks, transpose=not inverse, inverse=inverse).reshape(weight.shape)
+    return butterfly_apply(flat, blocks, transpose=True, inverse=inverse).reshape(weight.shape)
 
 
 def dense_rotation(blocks: torch.Tensor) -> torch.Tensor:

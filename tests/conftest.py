@@ -1,0 +1,51 @@
+"""Tiny models built here: no network, no weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import boftvision as bv
+
+
+class TinyNet(nn.Module):
+    """Two Linear layers and two Conv2d layers; widths chosen so every method's defaults below fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 1)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc2(torch.tanh(self.fc1(x))), self.conv2(torch.tanh(self.conv1(img)))
+
+
+LINEAR = ["fc1", "fc2"]
+CONV = ["conv1", "conv2"]
+
+# method -> config factory (targets, init_weights); sizes divide every targeted width of TinyNet
+CONFIGS = {
+    "lora": lambda t, init=True: bv.LoRAConfig(r=4, alpha=8, target_modules=t, init_weights=init),
+    "vblora": lambda t, init=True: bv.VBLoRAConfig(r=2, num_vectors=16, vector_length=8, target_modules=t,
+                                                    init_logits_std=1.0, init_vector_bank_bound=0.5,
+                                                    init_weights=init),
+    "oft": lambda t, init=True: bv.OFTConfig(block_size=8, use_cayley_neumann=False, target_modules=t,
+                                             init_weights=init),
+    "boft": lambda t, init=True: bv.BOFTConfig(block_size=4, n_butterfly_factor=2, target_modules=t,
+                                               init_weights=init),
+}
+METHODS = list(CONFIGS)
+
+
+@pytest.fixture
+def net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 5, 32, generator=g), torch.randn(2, 8, 6, 6, generator=g)

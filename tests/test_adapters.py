@@ -1,0 +1,275 @@
+"""Adapter behaviour, parametrised over method × layer type."""
+import copy
+
+import pytest
+import torch
+from conftest import CONFIGS, CONV, LINEAR, METHODS, TinyNet
+from torch import nn
+
+import boftvision as bv
+from boftvision.adapters import AdaptedLayer, OrthogonalAdapter
+from boftvision.inject import adapted_layers
+from boftvision.ops.orthogonal import dense_rotation, orthogonality_error, upper_from_skew, skew_from_square
+
+LAYER_KINDS = {"linear": LINEAR, "conv": CONV}
+CASES = [(m, k) for m in METHODS for k in LAYER_KINDS]
+
+
+def run(model, inputs):
+    return model(*inputs)
+
+
+def close(a, b, atol=1e-5):
+    return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_identity_at_init(net, inputs, method, kind):
+    base_out = run(copy.deepcopy(net), inputs)
+    model = bv.add_adapter(net, CONFIGS[method](LAYER_KINDS[kind]))
+    out = run(model, inputs)
+    if method == "vblora":  # paper/PEFT: both factors come from the random bank, ΔW is small, not 0
+        cfg = bv.VBLoRAConfig(r=2, num_vectors=16, vector_length=8, target_modules=LAYER_KINDS[kind])
+        small = bv.add_adapter(TinyNet(), cfg)
+        for _, layer in adapted_layers(small):
+            delta = layer.adapters["default"].delta_weight(layer.base_layer)
+            assert delta.abs().max() <= cfg.r * cfg.init_vector_bank_bound ** 2
+        return
+    for a, b in zip(out, base_out):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_merge_equals_forward_and_unmerge_restores(net, inputs, method, kind):
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    model = bv.add_adapter(net, CONFIGS[method](LAYER_KINDS[kind], init=False)).eval()
+    with torch.no_grad():
+        adapted = run(model, inputs)
+        base = run(copy.deepcopy(net).apply(lambda m: setattr(m, "disabled", True)
+                                              if isinstance(m, AdaptedLayer) else None), inputs)
+        assert not close(adapted, base, 1e-3)  # the adapter does something
+        bv.merge_adapter(model)
+        assert close(run(model, inputs), adapted)
+        bv.unmerge_adapter(model)
+        assert close(run(model, inputs), adapted)
+    for name, layer in adapted_layers(model):
+        torch.testing.assert_close(layer.base_layer.weight, original[f"{name}.weight"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_gradients_reach_only_adapter_parameters(net, inputs, method, kind):
+    model = bv.add_adapter(net, CONFIGS[method](LAYER_KINDS[kind], init=False))
+    sum(o.square().sum() for o in run(model, inputs)).backward()
+    for name, p in model.named_parameters():
+        is_adapter = ".adapters.default." in name
+        assert p.requires_grad == is_adapter, name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == is_adapter, name
+
+
+@pytest.mark.parametrize("method", ["oft", "boft"])
+def test_input_side_equals_weight_side(net, inputs, method):
+    model = bv.add_adapter(net, CONFIGS[method](LINEAR, init=False))
+    x = inputs[0].requires_grad_(True)
+    results = {}
+    for side in ("input", "weight"):
+        for _, layer in adapted_layers(model):
+            layer.adapters["default"].rotation_side = side
+        model.zero_grad()
+        x.grad = None
+        out = model.fc2(torch.tanh(model.fc1(x)))
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[side] = (out.detach(), x.grad.clone(), grads)
+    a, b = results["input"], results["weight"]
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+    for ga, gb in zip(a[2], b[2]):
+        torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_side_by_cost(net):
+    model = bv.add_adapter(net, CONFIGS["boft"](LINEAR))
+    adapter = model.fc1.adapters["default"]  # n = 64 output rows
+    assert adapter.choose_side(torch.randn(1000, 32)) == "input"  # training: weight side needs a big matmul
+    with torch.no_grad():
+        assert adapter.choose_side(torch.randn(1000, 32)) == "weight"  # inference: 64 rows < 1000 tokens
+        assert adapter.choose_side(torch.randn(8, 32)) == "input"
+
+
+@pytest.mark.parametrize("method,kind", [(m, k) for m in ("oft", "boft") for k in LAYER_KINDS])
+def test_rotation_is_orthogonal_with_exact_cayley(net, method, kind):
+    model = bv.add_adapter(net, CONFIGS[method](LAYER_KINDS[kind], init=False))
+    for _, layer in adapted_layers(model):
+        blocks = layer.adapters["default"].orthogonal_blocks()
+        assert orthogonality_error(blocks) <= 1e-5
+        assert orthogonality_error(dense_rotation(blocks).unsqueeze(0)) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_boft_with_one_factor_equals_oft(net, inputs, kind):
+    boft = bv.add_adapter(copy.deepcopy(net), bv.BOFTConfig(block_size=8, target_modules=LAYER_KINDS[kind],
+                                                           init_weights=False)).eval()
+    oft = bv.add_adapter(copy.deepcopy(net), bv.OFTConfig(block_size=8, use_cayley_neumann=False,
+                                                         target_modules=LAYER_KINDS[kind])).eval()
+    for (_, lb), (_, lo) in zip(adapted_layers(boft), adapted_layers(oft)):
+        b, o = lb.adapters["default"], lo.adapters["default"]
+        with torch.no_grad():
+            b.boft_s.fill_(1.0)
+            o.oft_R.copy_(upper_from_skew(skew_from_square(b.boft_R[0])))
+    with torch.no_grad():
+        assert close(run(boft, inputs), run(oft, inputs))
+
+
+def test_two_adapters_switch_and_match_single_adapter_models(net, inputs):
+    lora_cfg, boft_cfg = CONFIGS["lora"](LINEAR, init=False), CONFIGS["boft"](LINEAR + CONV, init=False)
+    torch.manual_seed(5)
+    only_lora = bv.add_adapter(copy.deepcopy(net), lora_cfg)
+    torch.manual_seed(6)
+    only_boft = bv.add_adapter(copy.deepcopy(net), boft_cfg)
+    torch.manual_seed(5)
+    both = bv.add_adapter(net, lora_cfg, "a")
+    torch.manual_seed(6)
+    bv.add_adapter(both, boft_cfg, "b")
+    with torch.no_grad():
+        assert close(run(both, inputs), run(only_boft, inputs))
+        bv.set_adapter(both, "a")
+        assert close(run(both, inputs), run(only_lora, inputs))
+    trainable = {n for n, p in both.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.a." in n for n in trainable)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_adapter_restores_original_modules_and_state(net, method):
+    originals = dict(net.named_children())
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    bv.add_adapter(net, CONFIGS[method](LINEAR + CONV, init=False))
+    bv.merge_adapter(net)
+    bv.remove_adapter(net)
+    for name, module in net.named_children():
+        assert module is originals[name]
+    assert net.state_dict().keys() == state.keys()
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=1e-5, rtol=0)
+
+
+def test_disable_adapter_runs_the_base_model(net, inputs):
+    base_out = run(copy.deepcopy(net), inputs)
+    model = bv.add_adapter(net, CONFIGS["boft"](LINEAR + CONV, init=False))
+    bv.merge_adapter(model)
+    with torch.no_grad(), bv.disable_adapter(model):
+        assert close(run(model, inputs), base_out)
+    with torch.no_grad():
+        assert not close(run(model, inputs), base_out, 1e-3)
+        assert all(layer.merged == "default" for _, layer in adapted_layers(model))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_base_keeps_fp32_adapters(net, inputs, method):
+    ref = bv.add_adapter(copy.deepcopy(net), CONFIGS[method](LINEAR + CONV, init=False))
+    model = copy.deepcopy(ref)
+    for _, layer in adapted_layers(model):
+        layer.base_layer.to(torch.bfloat16)
+    adapter_params = [p for p in model.parameters() if p.requires_grad]
+    assert adapter_params and all(p.dtype == torch.float32 for p in adapter_params)
+    x, img = (t.to(torch.bfloat16) for t in inputs)
+    out = model.fc2(torch.tanh(model.fc1(x))), model.conv2(torch.tanh(model.conv1(img)))
+    assert all(o.dtype == torch.bfloat16 for o in out)
+    expected = run(ref, inputs)
+    for o, e in zip(out, expected):
+        assert (o.float() - e).abs().max() < 0.05 * e.abs().max() + 0.05
+    sum(o.float().square().sum() for o in out).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_params)
+    # autocast: fp32 base and inputs, bf16 compute, fp32 adapter parameters and gradients
+    model32 = copy.deepcopy(ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model32, inputs)
+    sum(o.float().square().sum() for o in out).backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in model32.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_short_training_lowers_the_loss(method):
+    """Regress a teacher that differs from the student by a small rotation+shift of its weights."""
+    torch.manual_seed(0)
+    student, teacher = TinyNet(), TinyNet()
+    teacher.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, img = torch.randn(64, 32), torch.randn(16, 8, 6, 6)
+    with torch.no_grad():
+        target = teacher(x, img)
+    model = bv.add_adapter(student, CONFIGS[method](LINEAR + CONV))
+    optim = torch.optim.Adam(bv.parameter_groups(model, lr=1e-2), lr=1e-2)
+
+    def loss_fn():
+        out = model(x, img)
+        return sum(nn.functional.mse_loss(o, t) for o, t in zip(out, target))
+
+    first = loss_fn().item()
+    for _ in range(60):
+        optim.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        optim.step()
+    assert loss_fn().item() < 0.7 * first
+
+
+def test_butterfly_interpolation_endpoints_and_order(net, inputs):
+    base_out = run(copy.deepcopy(net), inputs)
+    model = bv.add_adapter(net, bv.BOFTConfig(block_size=4, n_butterfly_factor=3, target_modules=LINEAR + ["conv2"],
+                                             init_weights=False)).eval()
+    with torch.no_grad():
+        tuned = run(model, inputs)
+        assert bv.butterfly_interpolation(model, 0) == 3
+        assert close(run(model, inputs), tuned)
+        bv.butterfly_interpolation(model, 3, reset_scale=True)
+        for a, b in zip(run(model, inputs), base_out):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+        # one component to identity == the model whose leftmost factor boft_R[m-1] is zero
+        bv.butterfly_interpolation(model, 1)
+        one = run(model, inputs)
+        bv.butterfly_interpolation(model, 0)
+        manual = copy.deepcopy(model)
+        for _, layer in adapted_layers(manual):
+            layer.adapters["default"].boft_R[-1].zero_()
+        assert close(one, run(manual, inputs))
+        assert not close(one, tuned, 1e-3)
+        with bv.interpolated(model, 2):
+            assert not close(run(model, inputs), tuned, 1e-3)
+        assert close(run(model, inputs), tuned)
+    with pytest.raises(ValueError, match=r"n_identity must be in \[0, 3\]"):
+        bv.butterfly_interpolation(model, 4)
+
+
+def test_parameter_counts_match_the_formulas(net):
+    cfg = bv.BOFTConfig(block_size=4, n_butterfly_factor=2, target_modules=LINEAR)
+    bv.add_adapter(net, cfg)
+    counts = bv.count_parameters(net)
+    # fc1: d=32 -> N=8 blocks, fc2: d=64 -> N=16; stored = m·N·b(b−1)/2 + n (scale)
+    assert counts.stored == 2 * 8 * 6 + 64 + 2 * 16 * 6 + 32
+    assert counts.trainable == 2 * 8 * 16 + 64 + 2 * 16 * 16 + 32
+    assert counts.total == sum(p.numel() for p in net.parameters())
+    assert "trainable params: 864" in str(counts)
+
+    vb = TinyNet()
+    vcfg = bv.VBLoRAConfig(r=2, num_vectors=16, vector_length=8, topk=2, target_modules=LINEAR)
+    bv.add_adapter(vb, vcfg)
+    subvectors = 2 * (32 // 8) + (64 // 8) * 2 + 2 * (64 // 8) + (32 // 8) * 2
+    assert bv.count_parameters(vb).stored == 16 * 8 + 3 * subvectors  # bank + k + (k−1) per sub-vector
+    assert bv.count_parameters(vb).trainable == 16 * 8 + 16 * subvectors
+
+
+def test_vblora_bank_is_shared_and_has_its_own_learning_rate(net):
+    bv.add_adapter(net, CONFIGS["vblora"](LINEAR + CONV))
+    banks = {id(layer.adapters["default"].vblora_vector_bank) for _, layer in adapted_layers(net)}
+    assert len(banks) == 1
+    groups = bv.parameter_groups(net, lr=1e-3, vector_bank_lr=1e-3, logits_lr=1e-2)
+    assert [len(g["params"]) for g in groups] == [1, 8] and groups[1]["lr"] == 1e-2
+
+
+def test_wrapper_exposes_base_attributes(net):
+    bv.add_adapter(net, CONFIGS["lora"](LINEAR))
+    assert isinstance(net.fc1, AdaptedLayer)
+    assert net.fc1.in_features == 32 and net.fc1.weight is net.fc1.base_layer.weight
