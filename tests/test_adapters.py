@@ -89,11 +89,15 @@ def test_input_side_equals_weight_side(net, inputs, method):
 
 def test_auto_side_by_cost(net):
     model = bv.add_adapter(net, CONFIGS["boft"](LINEAR))
-    adapter = model.fc1.adapters["default"]  # n = 64 output rows
-    assert adapter.choose_side(torch.randn(1000, 32)) == "input"  # training: weight side needs a big matmul
+    adapter = model.fc1.adapters["default"]  # n = 64 output rows, m = 2
+    assert adapter.choose_side(torch.randn(1000, 32)) == "weight"  # rotating 64 rows beats 1000 tokens
     with torch.no_grad():
-        assert adapter.choose_side(torch.randn(1000, 32)) == "weight"  # inference: 64 rows < 1000 tokens
-        assert adapter.choose_side(torch.randn(8, 32)) == "input"
+        assert adapter.choose_side(torch.randn(1000, 32)) == "weight"
+        assert adapter.choose_side(torch.randn(8, 32)) == "input"  # fewer tokens than rows
+    wide = bv.add_adapter(torch.nn.Sequential(torch.nn.Linear(32, 4096)), bv.OFTConfig(block_size=8,
+                                                                                        target_modules=["0"]))
+    # training a wide layer: the weight side's extra tokens×n×d gradient matmul costs more
+    assert wide[0].adapters["default"].choose_side(torch.randn(4096, 32)) == "input"
 
 
 @pytest.mark.parametrize("method,kind", [(m, k) for m in ("oft", "boft") for k in LAYER_KINDS])

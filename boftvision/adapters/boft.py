@@ -41,6 +41,9 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
     return b
 
 
+PASS_COST = 500  # MAC-equivalents per element of one memory-bound pass (see choose_side)
+
+
 class OrthogonalAdapter(Adapter):
     """What OFT and BOFT share: blocks → (dropout, interpolation) → rotation on the cheaper side."""
 
@@ -76,16 +79,24 @@ class OrthogonalAdapter(Adapter):
         return None if self.reset_scale else self.output_scale()
 
     def choose_side(self, x: torch.Tensor) -> str:
+        """Cheaper side for this call, in multiply-add equivalents.
+
+        A pass of a factor over a (rows × d) tensor is memory-bound: ~PASS_COST MACs per element on
+        both a 2-core CPU and an H100 (measured: benchmarks/bench_layers.py); factors after the first
+        need two extra reshape passes. The weight side rotates n rows instead of the tokens, but in
+        training it adds a tokens×n×d matmul for the rotated weight's gradient.
+        """
         if self.shape.is_conv:
             return "weight"
         if self.rotation_side != "auto":
             return self.rotation_side
-        tokens = x.numel() // self.shape.d
-        rotate = self.n_factors * self.block_size * self.shape.d
+        tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
+        passes = PASS_COST * (1 + 3 * (self.n_factors - 1))
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        # weight side needs an extra tokens×n×d matmul for the rotated weight's gradient
-        weight_cost = self.shape.n * rotate + (2 * tokens * self.shape.n * self.shape.d if training else 0)
-        return "input" if tokens * rotate < weight_cost else "weight"
+        sweeps = 3 if training else 1  # forward + two backward products
+        input_cost = tokens * d * passes * sweeps
+        weight_cost = n * d * passes * sweeps + (2 * tokens * n * d if training else 0)
+        return "input" if input_cost < weight_cost else "weight"
 
     def rotated_weight(self, base: nn.Module, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         weight = rotate_weight(base.weight.to(dtype), blocks.to(dtype))
