@@ -39,18 +39,19 @@ def peft_configs():
     import peft
 
     return {
-        "LoRA r=16": lambda t: peft.LoraConfig(r=16, lora_alpha=16, target_modules=t),
-        "OFT b=16": lambda t: peft.OFTConfig(oft_block_size=16, r=0, target_modules=t),
-        "BOFT m=2 b=8": lambda t: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=t),
-        "VB-LoRA": lambda t: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=256, target_modules=t),
+        "LoRA r=16": lambda t, w: peft.LoraConfig(r=16, lora_alpha=16, target_modules=t),
+        "OFT b=16": lambda t, w: peft.OFTConfig(oft_block_size=16, r=0, target_modules=t),
+        "BOFT m=2 b=8": lambda t, w: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=t),
+        "VB-LoRA": lambda t, w: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=min(256, w),
+                                                  target_modules=t),
     }
 
 
 OUR_CONFIGS = {
-    "LoRA r=16": lambda t: bv.LoRAConfig(r=16, alpha=16, target_modules=t),
-    "OFT b=16": lambda t: bv.OFTConfig(block_size=16, target_modules=t),
-    "BOFT m=2 b=8": lambda t: bv.BOFTConfig(block_size=8, n_butterfly_factor=2, target_modules=t),
-    "VB-LoRA": lambda t: bv.VBLoRAConfig(r=4, num_vectors=256, vector_length=256, target_modules=t),
+    "LoRA r=16": lambda t, w: bv.LoRAConfig(r=16, alpha=16, target_modules=t),
+    "OFT b=16": lambda t, w: bv.OFTConfig(block_size=16, target_modules=t),
+    "BOFT m=2 b=8": lambda t, w: bv.BOFTConfig(block_size=8, n_butterfly_factor=2, target_modules=t),
+    "VB-LoRA": lambda t, w: bv.VBLoRAConfig(r=4, num_vectors=256, vector_length=min(256, w), target_modules=t),
 }
 
 
@@ -104,14 +105,14 @@ def main() -> None:
         x = torch.randn(args.tokens, width, device=device, dtype=dtype)
         frozen, peak = time_step(base, x, device, args.iters, args.warmup)
         rows = [("frozen base", frozen, peak)]
-        candidates = [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets)))
+        candidates = [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets, width)))
                       for k in OUR_CONFIGS]
         if not args.no_peft:
             from peft_reference import peft_model
             import peft
 
             for k, make in peft_configs().items():
-                cfg = make(targets)
+                cfg = make(targets, width)
                 as_run = (f"PEFT {k} (as run)" if k.startswith("BOFT") else f"PEFT {k}",
                           lambda cfg=cfg: peft.get_peft_model(copy.deepcopy(base), cfg))
                 candidates.append(as_run)
@@ -123,7 +124,7 @@ def main() -> None:
             rows.append((label, ms, peak))
             del model
         # merged inference equals base inference
-        merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets))
+        merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets, width))
         start = time.perf_counter()
         bv.merge_adapter(merged)
         merge_ms = (time.perf_counter() - start) * 1000

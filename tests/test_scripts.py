@@ -1,0 +1,40 @@
+"""The entry-point scripts, end to end on tiny settings."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_core_demo_trains_every_method_and_reloads(tmp_path):
+    out = run("demos/core_demo.py", "--steps", "25", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"].split()[0] for r in rows] == ["LoRA", "VB-LoRA", "OFT", "BOFT", "BOFT"]
+    for r in rows:
+        assert r["loss_end"] < r["loss_start"]
+        assert r["merge_error"] < 1e-4 and r["reload_error"] == 0.0
+    assert (tmp_path / "boft" / "adapter_model.safetensors").is_file()
+    assert "| BOFT m=2 b=8 |" in out
+
+
+def test_layer_benchmark_prints_ratios():
+    out = run("benchmarks/bench_layers.py", "--widths", "64", "--tokens", "64", "--layers", "2",
+              "--iters", "1", "--warmup", "0")
+    lines = [line for line in out.splitlines() if line.startswith("| 64 |")]
+    labels = [line.split("|")[2].strip() for line in lines]
+    assert "frozen base" in labels and "ours BOFT m=2 b=8" in labels and "PEFT BOFT m=2 b=8 true m" in labels
+    assert all(float(line.split("|")[3]) > 0 for line in lines)  # step ms
+
+
+def test_expressiveness_script_writes_table_and_plot(tmp_path):
+    run("benchmarks/boft_expressiveness.py", "--dim", "32", "--seeds", "2", "--steps", "30", "--out", str(tmp_path))
+    table = (tmp_path / "expressiveness.md").read_text()
+    assert "| BOFT(9,2) |" in table or "| BOFT(5,2) |" in table
+    assert (tmp_path / "expressiveness.png").stat().st_size > 1000
