@@ -40,6 +40,8 @@ class AdapterConfig:
     PEFT_NAMES: ClassVar[dict[str, str]] = {}
     # PEFT fields we do not implement: value that means "off"
     PEFT_UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+    # method-specific PEFT keys with no effect on the adapter's math (accepted silently)
+    PEFT_BOOKKEEPING: ClassVar[set[str]] = set()
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -82,11 +84,16 @@ class AdapterConfig:
                         f"{cls.__name__}: PEFT option {key}={value!r} is not supported by boftvision; "
                         f"re-train without it (supported value: {cls.PEFT_UNSUPPORTED[key]!r})"
                     )
-            elif key not in _PEFT_BOOKKEEPING and key != "method":
-                unknown.append(key)
+            elif key not in _PEFT_BOOKKEEPING | cls.PEFT_BOOKKEEPING and key != "method" \
+                    and value not in (None, False, {}, []):
+                unknown.append(key)  # PEFT options left off (None/False/empty) need no warning
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)}", stacklevel=2)
-        if isinstance(kwargs.get("init_weights"), str):
+        init = kwargs.get("init_weights")
+        if isinstance(init, str):
+            if init.lower() != "gaussian":  # PiSSA/OLoRA/LoftQ/... also rewrite the base weights
+                raise ValueError(f"{cls.__name__}: PEFT initialisation {init!r} changes the base model's "
+                                 "weights and is not supported; use an adapter trained with the default init")
             kwargs["init_weights"] = True
         return cls(**kwargs)
 
@@ -109,6 +116,7 @@ class LoRAConfig(AdapterConfig):
         "lora_bias": False, "layer_replication": None, "target_parameters": None,
         "trainable_token_indices": None,
     }
+    PEFT_BOOKKEEPING: ClassVar[set[str]] = {"qalora_group_size", "megatron_core"}
 
     def validate(self) -> None:
         _check(isinstance(self.r, int) and self.r > 0, f"LoRAConfig: r must be a positive int, got {self.r!r}")

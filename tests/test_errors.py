@@ -139,3 +139,9 @@ def test_switching_while_merged_is_refused(net):
     bv.merge_adapter(net)
     with pytest.raises(RuntimeError, match="unmerge_adapter"):
         bv.set_adapter(net, "a")
+
+
+def test_peft_init_that_rewrites_base_weights_is_refused():
+    with pytest.raises(ValueError, match="'pissa' changes the base model's weights"):
+        bv.config_from_dict({"peft_type": "LORA", "r": 4, "init_lora_weights": "pissa"})
+    assert bv.config_from_dict({"peft_type": "LORA", "init_lora_weights": "gaussian"}).init_weights is True

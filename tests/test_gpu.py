@@ -1,0 +1,41 @@
+"""CUDA checks (marker `gpu`; skipped where CUDA is absent): bf16 training path on the device."""
+import copy
+
+import pytest
+import torch
+from conftest import CONFIGS, CONV, LINEAR, METHODS, TinyNet
+
+import boftvision as bv
+from boftvision.inject import adapted_layers
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_bf16_matches_cpu_fp32(method):
+    torch.manual_seed(0)
+    cpu = bv.add_adapter(TinyNet(), CONFIGS[method](LINEAR + CONV, init=False)).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    x, img = torch.randn(4, 32), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = cpu(x, img)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = gpu(x.cuda(), img.cuda())
+    for o, e in zip(out, expected):
+        assert (o.float().cpu() - e).abs().max() < 0.05 * e.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("side", ["input", "weight"])
+def test_cuda_sides_agree_with_gradients(side):
+    torch.manual_seed(0)
+    model = bv.add_adapter(TinyNet(), CONFIGS["boft"](LINEAR, init=False)).cuda()
+    ref = copy.deepcopy(model).cpu()
+    for _, layer in adapted_layers(model):
+        layer.adapters["default"].rotation_side = side
+    x = torch.randn(64, 32)
+    model.fc2(model.fc1(x.cuda())).square().sum().backward()
+    ref.fc2(ref.fc1(x)).square().sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.cpu(), q.grad, atol=1e-3, rtol=1e-3)
