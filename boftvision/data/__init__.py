@@ -1,0 +1,1 @@
+"""Dataset readers in the layouts the field uses."""

@@ -1,0 +1,1 @@
+"""Model families: target presets and what each family needs beyond the core."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics shared by training-time validation and the standalone evaluation scripts."""

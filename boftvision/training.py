@@ -1,0 +1,146 @@
+"""Plumbing the training scripts share: adapter arguments, optimizer and schedule, checkpoints that
+resume. Checkpoints hold only what training changes (trainable parameters, optimizer, scheduler,
+step, RNG), never the frozen base."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import AdapterConfig, BOFTConfig, LoRAConfig, OFTConfig, VBLoRAConfig
+from .inject import parameter_groups
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The adapter flags every script shares (PEFT's example-script names)."""
+    g = parser.add_argument_group("adapter")
+    g.add_argument("--adapter", choices=["boft", "oft", "lora", "vblora"], default="boft")
+    g.add_argument("--boft_block_size", type=int, default=8)
+    g.add_argument("--boft_block_num", type=int, default=0)
+    g.add_argument("--boft_n_butterfly_factor", type=int, default=2)
+    g.add_argument("--boft_dropout", type=float, default=0.1, help="multiplicative dropout (BOFT and OFT)")
+    g.add_argument("--oft_block_size", type=int, default=16)
+    g.add_argument("--oft_use_cayley_neumann", action="store_true")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=8)
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--vblora_r", type=int, default=4)
+    g.add_argument("--vblora_num_vectors", type=int, default=256)
+    g.add_argument("--vblora_vector_length", type=int, default=256)
+    g.add_argument("--vblora_topk", type=int, default=2)
+    g.add_argument("--vblora_bank_lr", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--vblora_logits_lr", type=float, default=None, help="default: 10 × --learning_rate")
+    if defaults:
+        parser.set_defaults(**defaults)
+
+
+def adapter_config_from_args(args: argparse.Namespace, target_modules) -> AdapterConfig:
+    if args.adapter == "boft":
+        size = 0 if args.boft_block_num else args.boft_block_size
+        return BOFTConfig(block_size=size, block_num=args.boft_block_num, dropout=args.boft_dropout,
+                          n_butterfly_factor=args.boft_n_butterfly_factor, target_modules=target_modules)
+    if args.adapter == "oft":
+        return OFTConfig(block_size=args.oft_block_size, use_cayley_neumann=args.oft_use_cayley_neumann,
+                         dropout=args.boft_dropout, target_modules=target_modules)
+    if args.adapter == "lora":
+        return LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          target_modules=target_modules)
+    return VBLoRAConfig(r=args.vblora_r, num_vectors=args.vblora_num_vectors, topk=args.vblora_topk,
+                        vector_length=args.vblora_vector_length, target_modules=target_modules)
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, weight_decay: float):
+    groups = parameter_groups(model, lr=lr, weight_decay=weight_decay,
+                              vector_bank_lr=args.vblora_bank_lr or lr, logits_lr=args.vblora_logits_lr or 10 * lr)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base lr, then cosine decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, step: int,
+                    extra: dict | None = None, keep: int | None = None) -> Path:
+    """``folder/checkpoint-{step}/training_state.pt``: trainable parameters (by name), optimizer,
+    scheduler, step, RNG. ``keep`` limits how many checkpoints stay (oldest removed)."""
+    path = Path(folder) / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "step": step, "rng": _rng_state()}, path / "training_state.pt")
+    (path / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    if keep:
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    found = [p for p in Path(folder).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_checkpoint(folder: str | Path, resume: str | None) -> Path | None:
+    """``latest`` → newest checkpoint in ``folder`` (None when there is none); else the given path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(folder)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no training_state.pt there; give a "
+                                f"checkpoint-<step> folder or 'latest'")
+    return path
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into an identically built model; returns state.json."""
+    state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters this model lacks: {missing[:3]}; was it made "
+                         "with other adapter settings?")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return json.loads((Path(path) / "state.json").read_text())

@@ -1,0 +1,122 @@
+"""DINOv2 on a generated VTAB-layout folder: training beats chance, resume equals an uninterrupted run,
+the eval script reproduces the training script's accuracy, bad folders give clear errors."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import boftvision as bv
+from boftvision.data.vtab import VTABDataset
+from boftvision.integrations.dinov2 import Dinov2Classifier, add_classifier_adapter, dinov2_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train_scripts"))
+import eval_vtab  # noqa: E402
+import train_vtab_boft  # noqa: E402
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]  # class = dominant colour
+
+
+def make_task(root: Path, task: str, counts=(("train800", 24), ("val200", 6), ("train800val200", 30),
+                                             ("test", 15)), seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / task / "images"
+    folder.mkdir(parents=True)
+    for split, n in counts:
+        lines = []
+        for i in range(n):
+            label = i % len(COLOURS)
+            pixels = np.clip(rng.normal(COLOURS[label], 60, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            name = f"images/{split}_{i}.png"
+            Image.fromarray(pixels).save(root / task / name)
+            lines.append(f"{name} {label}")
+        (root / task / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vtab")
+    from transformers import Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(dinov2_config("small", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              mlp_ratio=2, image_size=28)).save_pretrained(base / "model")
+    for task in ("eurosat", "dtd"):
+        make_task(base / "data", task)
+    return base
+
+
+def common(tiny, out, *extra):
+    return ["--model_name_or_path", str(tiny / "model"), "--data_root", str(tiny / "data"),
+            "--output_dir", str(out), "--image_size", "28", "--train_batch_size", "8", "--num_workers", "0",
+            "--learning_rate", "0.01", "--boft_block_size", "4", "--boft_n_butterfly_factor", "2",
+            "--vblora_vector_length", "16", "--vblora_num_vectors", "16", "--lora_r", "4", *extra]
+
+
+@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora"])
+def test_training_beats_chance_and_eval_matches(tiny, tmp_path, adapter):
+    out = tmp_path / adapter
+    train_vtab_boft.main(common(tiny, out, "--adapter", adapter, "--tasks", "eurosat", "--epochs", "8",
+                                "--oft_block_size", "8"))
+    result = json.loads((out / "eurosat" / "seed0" / "result.json").read_text())
+    assert result["top1"] >= 70.0  # 3 balanced classes: chance is 33 %
+    assert result["epoch_losses"][-1] < result["epoch_losses"][0]
+    accuracy = eval_vtab.main(["--model_name_or_path", str(tiny / "model"), "--run_dir", str(out / "eurosat" / "seed0"),
+                               "--data_root", str(tiny / "data"), "--image_size", "28"])
+    assert accuracy == result["top1"]
+    header, _, row = (out / "results.md").read_text().splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["eurosat"] == f"{result['top1']:.1f}" and cells["Specialized"] == cells["eurosat"]
+
+
+def test_resume_equals_uninterrupted_run(tiny, tmp_path):
+    args = ["--tasks", "dtd", "--epochs", "4", "--checkpoints_total_limit", "10"]
+    train_vtab_boft.main(common(tiny, tmp_path / "full", *args))
+    full = json.loads((tmp_path / "full" / "dtd" / "seed0" / "result.json").read_text())
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    run_dir = tmp_path / "cut" / "dtd" / "seed0"
+    for later in ("checkpoint-8", "checkpoint-12", "checkpoint-16", "result.json"):  # 4 steps per epoch
+        target = run_dir / later
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    train_vtab_boft.main(common(tiny, tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"))
+    resumed = json.loads((run_dir / "result.json").read_text())
+    assert resumed["epoch_losses"] == pytest.approx(full["epoch_losses"], abs=1e-6)
+    assert resumed["top1"] == full["top1"]
+
+
+def test_two_tasks_give_the_paper_table(tiny, tmp_path):
+    train_vtab_boft.main(common(tiny, tmp_path, "--tasks", "eurosat", "dtd", "--epochs", "1", "--seeds", "0", "1"))
+    header, _, row = (tmp_path / "results.md").read_text().splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert "±" in cells["eurosat"] and "±" in cells["dtd"] and cells["cifar"] == "–"
+    assert cells["Natural"] != "–" and cells["Structured"] == "–"
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 4
+
+
+def test_bad_folders(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="task folder .*cifar not found"):
+        VTABDataset(tiny / "data", "cifar", "test")
+    make_task(tmp_path, "eurosat")
+    (tmp_path / "eurosat" / "images" / "test_0.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"test.txt:1 names images/test_0.png"):
+        VTABDataset(tmp_path, "eurosat", "test")
+    (tmp_path / "eurosat" / "val200.txt").write_text("images/val200_0.png 10\n")
+    with pytest.raises(ValueError, match=r"label 10 is outside \[0, 10\) for eurosat"):
+        VTABDataset(tmp_path, "eurosat", "val200")
+
+
+def test_head_is_trained_but_not_counted():
+    from transformers import Dinov2Model
+
+    backbone = Dinov2Model(dinov2_config("small", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         mlp_ratio=2))
+    model = add_classifier_adapter(Dinov2Classifier(backbone, 5), bv.BOFTConfig(block_size=4, n_butterfly_factor=2))
+    assert model.head.weight.requires_grad
+    assert bv.count_parameters(model).trainable == bv.count_parameters(model.backbone).trainable + 32 * 5 + 5
+    names = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert names and all(".adapters.default." in n for n in names)

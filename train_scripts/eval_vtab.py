@@ -1,0 +1,49 @@
+"""Evaluate a saved VTAB run (adapter/ + head.safetensors) on a task's split; prints top-1.
+
+    python train_scripts/eval_vtab.py --model_name_or_path facebook/dinov2-large \
+        --run_dir outputs/vtab/cifar/seed0 --data_root /data/vtab-1k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+import boftvision as bv
+from boftvision.data.vtab import VTABDataset
+from boftvision.integrations.dinov2 import Dinov2Classifier, load_backbone
+from boftvision.metrics.classification import top1_accuracy
+
+
+def main(argv=None) -> float:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default="facebook/dinov2-large")
+    p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
+    p.add_argument("--timm_checkpoint", default=None)
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--data_root", required=True)
+    p.add_argument("--task", default=None, help="default: the task in run_dir/result.json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num_classes", type=int, default=None)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=128)
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    task = args.task or json.loads((run_dir / "result.json").read_text())["task"]
+
+    dataset = VTABDataset(args.data_root, task, args.split, args.image_size, args.num_classes)
+    head = load_file(str(run_dir / "head.safetensors"))
+    model = Dinov2Classifier(load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint),
+                             head["weight"].shape[0])
+    model.head.load_state_dict(head)
+    bv.load_adapter(model.backbone, run_dir / "adapter", is_trainable=False)
+    accuracy = top1_accuracy(model, DataLoader(dataset, args.batch_size))
+    print(json.dumps({"task": task, "split": args.split, "top1": accuracy}))
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()
