@@ -1,0 +1,23 @@
+"""Counts on DINOv2-large (meta device) against the BOFT paper's table (docs/parameter_counts.md)."""
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import Dinov2Model
+
+import boftvision as bv
+from boftvision.integrations.dinov2 import PRESETS, dinov2_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from parameter_counts import count  # noqa: E402
+
+
+@pytest.mark.parametrize("config,trainable,stored,paper", [
+    (bv.LoRAConfig(r=4), 1_769_472, 1_769_472, 1_769_472),
+    (bv.BOFTConfig(block_size=8, n_butterfly_factor=2), 3_760_128, 1_769_472, 1_990_656),
+    (bv.BOFTConfig(block_size=2, n_butterfly_factor=6), 2_875_392, 884_736, 1_105_920),
+    (bv.OFTConfig(block_size=16), 1_658_880, 1_658_880, 2_101_248),
+])
+def test_dinov2_large_counts(config, trainable, stored, paper):
+    config.target_modules = PRESETS["all_linear"]
+    assert count(lambda: Dinov2Model(dinov2_config("large")), config) == (trainable, stored, paper)
