@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTER_CLASSES, AdaptedLayer, LayerShape, VBLoRA, new_vector_bank
-from .adapters.base import SUPPORTED_LAYERS
+from .adapters.base import is_supported
 from .config import AdapterConfig
 
 CONFIGS_ATTR = "boftvision_configs"
@@ -51,15 +51,15 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module
             targets[name] = module.base_layer
         elif any(name.startswith(w + ".") for w in wrappers):
             continue  # inside a wrapper: its base layer or another adapter's modules
-        elif isinstance(module, SUPPORTED_LAYERS):
+        elif is_supported(module):
             targets[name] = module
         else:
             unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported and not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matched only unsupported modules: "
-                         f"{unsupported[:5]}; boftvision adapts nn.Linear and nn.Conv2d")
+                         f"{unsupported[:5]}; boftvision adapts nn.Linear, nn.Conv2d and transformers' Conv1D")
     if not targets:
-        layer_names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)]
+        layer_names = [n for n, m in model.named_modules() if is_supported(m)]
         suffixes = sorted({n.split(".")[-1] for n in layer_names})
         raise ValueError(f"target_modules={config.target_modules!r} matches no module of "
                          f"{type(model).__name__}; its Linear/Conv2d layers end in: {suffixes[:30]}")

@@ -59,7 +59,7 @@ def test_vblora_topk_larger_than_bank():
 
 
 def test_unsupported_module_type(net):
-    with pytest.raises((TypeError, ValueError), match="nn.Linear and nn.Conv2d"):
+    with pytest.raises((TypeError, ValueError), match="adapts nn.Linear, nn.Conv2d and transformers. Conv1D"):
         bv.add_adapter(torch.nn.Sequential(torch.nn.LayerNorm(4)), bv.LoRAConfig(target_modules=["0"]))
 
 

@@ -9,14 +9,28 @@ from torch import nn
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer storing its weight as (in, out)."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
+def is_supported(layer: nn.Module) -> bool:
+    return isinstance(layer, SUPPORTED_LAYERS) or is_conv1d(layer)
+
+
 class LayerShape:
     """Geometry of a supported base layer: ``d`` (flattened input width: in_features, or
-    in_channels·kh·kw for Conv2d) and ``n`` (out features/channels)."""
+    in_channels·kh·kw for Conv2d) and ``n`` (out features/channels). Adapters see every weight in
+    PyTorch's (n, d[, kh, kw]) layout through :meth:`weight` / :meth:`write_weight`, Conv1D included."""
 
     def __init__(self, layer: nn.Module, name: str):
         self.name = name
         self.is_conv = isinstance(layer, nn.Conv2d)
-        if isinstance(layer, nn.Linear):
+        self.transposed = is_conv1d(layer)
+        if self.transposed:
+            self.in_features, self.out_features = layer.weight.shape
+            self.d = self.in_features
+        elif isinstance(layer, nn.Linear):
             self.in_features, self.out_features = layer.in_features, layer.out_features
             self.d = layer.in_features
         elif isinstance(layer, nn.Conv2d):
@@ -26,14 +40,24 @@ class LayerShape:
             self.in_features, self.out_features = layer.in_channels, layer.out_channels
             self.d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
         else:
-            raise TypeError(f"layer '{name}' is a {type(layer).__name__}; boftvision adapts nn.Linear and "
-                            "nn.Conv2d — narrow target_modules to those")
+            raise TypeError(f"layer '{name}' is a {type(layer).__name__}; boftvision adapts nn.Linear, "
+                            "nn.Conv2d and transformers' Conv1D — narrow target_modules to those")
         self.n = self.out_features
 
     def describe(self) -> str:
         if self.is_conv:
             return f"layer '{self.name}' (Conv2d, in_channels·kh·kw={self.d}, out_channels={self.n})"
-        return f"layer '{self.name}' (Linear, in_features={self.d}, out_features={self.n})"
+        kind = "Conv1D" if self.transposed else "Linear"
+        return f"layer '{self.name}' ({kind}, in_features={self.d}, out_features={self.n})"
+
+    def weight(self, base: nn.Module) -> torch.Tensor:
+        """The base weight as (n, d) for linear layers, (n, in, kh, kw) for Conv2d."""
+        return base.weight.T if self.transposed else base.weight
+
+    @torch.no_grad()
+    def write_weight(self, base: nn.Module, weight: torch.Tensor) -> None:
+        """Store a weight given in :meth:`weight`'s layout into the base layer, in its dtype."""
+        self.weight(base).copy_(weight.to(base.weight.dtype))
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -76,6 +100,21 @@ class Adapter(nn.Module):
     def stored_parameters(self) -> int:
         """Parameters a trained adapter needs to store (the papers' count; shared banks excluded)."""
         return sum(p.numel() for p in self.parameters(recurse=True))
+
+
+class AdditiveAdapter(Adapter):
+    """LoRA-style methods: ``W = W0 + ΔW``; subclasses give ``delta_weight`` in (n, d[, kh, kw])."""
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        self.shape.write_weight(base, self.shape.weight(base).float() + self.delta_weight(base))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        self.shape.write_weight(base, self.shape.weight(base).float() - self.delta_weight(base))
 
 
 class AdaptedLayer(nn.Module):

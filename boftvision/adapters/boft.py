@@ -99,7 +99,7 @@ class OrthogonalAdapter(Adapter):
         return "input" if input_cost < weight_cost else "weight"
 
     def rotated_weight(self, base: nn.Module, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        weight = rotate_weight(base.weight.to(dtype), blocks.to(dtype))
+        weight = rotate_weight(self.shape.weight(base).to(dtype), blocks.to(dtype))
         s = self.scale()
         if s is not None:
             weight = weight * s.reshape(-1, *[1] * (weight.dim() - 1)).to(dtype)
@@ -115,7 +115,7 @@ class OrthogonalAdapter(Adapter):
             if self.shape.is_conv:
                 return base._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
-        y = F.linear(butterfly_apply(x, blocks.to(dtype)), base.weight.to(dtype))
+        y = F.linear(butterfly_apply(x, blocks.to(dtype)), self.shape.weight(base).to(dtype))
         s = self.scale()
         if s is not None:
             y = y * s.reshape(-1).to(dtype)
@@ -123,16 +123,15 @@ class OrthogonalAdapter(Adapter):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        base.weight.copy_(self.rotated_weight(base, self.rotation_blocks(), torch.float32).to(base.weight.dtype))
+        self.shape.write_weight(base, self.rotated_weight(base, self.rotation_blocks(), torch.float32))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
-        weight = base.weight.float()
+        weight = self.shape.weight(base).float()
         s = self.scale()
         if s is not None:
             weight = weight / s.reshape(-1, *[1] * (weight.dim() - 1)).float()
-        restored = rotate_weight(weight, self.rotation_blocks(), inverse=True)
-        base.weight.copy_(restored.to(base.weight.dtype))
+        self.shape.write_weight(base, rotate_weight(weight, self.rotation_blocks(), inverse=True))
 
     def stored_parameters(self) -> int:
         """Effective count: b(b−1)/2 free entries per skew block, plus the output scale if any."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoRAConfig
-from .base import Adapter, LayerShape
+from .base import AdditiveAdapter, LayerShape
 
 
 def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.T
     return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)
 
 
-class LoRA(Adapter):
+class LoRA(AdditiveAdapter):
     """A (r × d) Kaiming-uniform, B (n × r) zero ⇒ identity at init. Conv2d: A is a conv with the base
     kernel/stride/padding and r output channels, B a 1×1 conv (PEFT's shapes)."""
 
@@ -51,15 +51,7 @@ class LoRA(Adapter):
         """``(alpha/r)·B A`` in the base weight's shape, fp32."""
         a = self.lora_A.weight.float().reshape(self.config.r, -1)
         b = self.lora_B.weight.float().reshape(self.shape.n, -1)
-        return (b @ a).reshape(base.weight.shape) * self.scaling
-
-    @torch.no_grad()
-    def merge(self, base: nn.Module) -> None:
-        base.weight.copy_((base.weight.float() + self.delta_weight(base)).to(base.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base: nn.Module) -> None:
-        base.weight.copy_((base.weight.float() - self.delta_weight(base)).to(base.weight.dtype))
+        return (b @ a).reshape(self.shape.weight(base).shape) * self.scaling
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..ops.vector_bank import lora_factors
-from .base import Adapter, LayerShape
+from .base import AdditiveAdapter, LayerShape
 from .lora import conv_like
 
 
@@ -20,7 +20,7 @@ def new_vector_bank(config: VBLoRAConfig, device: torch.device | None = None) ->
     return nn.Parameter(bank)
 
 
-class VBLoRA(Adapter):
+class VBLoRA(AdditiveAdapter):
     """Forward never builds ΔW: ``y = base(x) + (x Aᵀ) Bᵀ`` with A, B re-assembled each step.
 
     Conv2d (not in PEFT): A is reshaped to a conv kernel (r, in, kh, kw), B is a 1×1 conv, as LoRA's.
@@ -69,15 +69,7 @@ class VBLoRA(Adapter):
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         a, b = self.factors()
-        return (b.float() @ a.float()).reshape(base.weight.shape)
-
-    @torch.no_grad()
-    def merge(self, base: nn.Module) -> None:
-        base.weight.copy_((base.weight.float() + self.delta_weight(base)).to(base.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, base: nn.Module) -> None:
-        base.weight.copy_((base.weight.float() - self.delta_weight(base)).to(base.weight.dtype))
+        return (b.float() @ a.float()).reshape(self.shape.weight(base).shape)
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"vblora_logits_A": self.vblora_logits_A, "vblora_logits_B": self.vblora_logits_B}
