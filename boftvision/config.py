@@ -16,7 +16,7 @@ TargetModules = Union[str, list[str], None]
 # PEFT keys that describe bookkeeping, not the adapter: accepted silently.
 _PEFT_BOOKKEEPING = {
     "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
-    "inference_mode", "fan_in_fan_out", "bias", "modules_to_save", "layers_to_transform",
+    "inference_mode", "fan_in_fan_out", "bias", "layers_to_transform",
     "layers_pattern", "exclude_modules",
 }
 
@@ -29,11 +29,14 @@ def _check(condition: bool, message: str) -> None:
 @dataclass
 class AdapterConfig:
     """Fields every method shares. ``target_modules``: a list (exact names or dotted suffixes) or one
-    regex string matched against full module names, as in PEFT."""
+    regex string matched against full module names, as in PEFT. ``modules_to_save``: names (or suffixes)
+    of modules trained fully and saved in the adapter file (PEFT's convention; unlike PEFT they are
+    trained in place, not copied per adapter name)."""
 
     target_modules: TargetModules = None
     init_weights: bool = True
     base_model_name_or_path: str | None = None
+    modules_to_save: list[str] | None = None  # e.g. a task head: trained fully and saved with the adapter
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
@@ -65,7 +68,6 @@ class AdapterConfig:
         out.setdefault("bias", "none")
         out.setdefault("fan_in_fan_out", False)
         out.setdefault("inference_mode", True)
-        out.setdefault("modules_to_save", None)
         return out
 
     @classmethod

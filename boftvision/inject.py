@@ -66,6 +66,17 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module
     return targets
 
 
+def modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
+    """The modules ``config.modules_to_save`` names (suffix match; names a model lacks are skipped, as
+    PEFT lists both ``classifier`` and ``score`` for sequence classification)."""
+    if not config.modules_to_save:
+        return {}
+    wrappers = [name for name, _ in adapted_layers(model)]
+    return {name: module for name, module in model.named_modules()
+            if name and matches(list(config.modules_to_save), name)
+            and not any(name.startswith(w + ".") for w in wrappers)}
+
+
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Add adapter ``name`` to every target layer, freeze everything else, make it active.
 
@@ -113,6 +124,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
         layer.active = name if name in layer.adapters else None
         for adapter_name, adapter in layer.adapters.items():
             adapter.requires_grad_(adapter_name == name)
+    for module in modules_to_save(model, adapter_configs(model)[name]).values():
+        module.requires_grad_(True)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import VBLoRA
 from .config import AdapterConfig, config_from_dict
-from .inject import adapted_layers, adapter_configs, add_adapter, merge_and_unload, remove_adapter
+from .inject import adapted_layers, adapter_configs, add_adapter, merge_and_unload, modules_to_save, remove_adapter
 from .ops.vector_bank import topk_compress, topk_expand
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,6 +39,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
                 state[f"{PREFIX}{layer_name}.{key}"] = tensor
             if isinstance(adapter, VBLoRA):
                 state[BANK_KEY] = adapter.vblora_vector_bank
+    for module_name, module in modules_to_save(model, adapter_configs(model)[name]).items():
+        for key, tensor in module.named_parameters():
+            state[f"{PREFIX}{module_name}.{key}"] = tensor
     return state
 
 

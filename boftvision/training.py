@@ -19,10 +19,13 @@ from .config import AdapterConfig, BOFTConfig, LoRAConfig, OFTConfig, VBLoRAConf
 from .inject import parameter_groups
 
 
-def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """The adapter flags every script shares (PEFT's example-script names)."""
+def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                          allow_none: bool = False) -> None:
+    """The adapter flags every script shares (PEFT's example-script names); ``allow_none`` adds
+    ``--adapter none`` (train only the task head: a linear probe)."""
     g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=["boft", "oft", "lora", "vblora"], default="boft")
+    g.add_argument("--adapter", choices=["boft", "oft", "lora", "vblora"] + (["none"] if allow_none else []),
+                   default="boft")
     g.add_argument("--boft_block_size", type=int, default=8)
     g.add_argument("--boft_block_num", type=int, default=0)
     g.add_argument("--boft_n_butterfly_factor", type=int, default=2)

@@ -1,0 +1,191 @@
+"""Sequence classification (GLUE-style) with an adapter on a transformers encoder.
+
+    accelerate launch train_scripts/train_glue_boft.py --model_name_or_path microsoft/deberta-v3-base \
+        --task_name cola --adapter boft --boft_block_size 8 --boft_n_butterfly_factor 2 --seeds 0 1 2
+    python train_scripts/train_glue_boft.py --model_name_or_path PATH --train_file train.csv \
+        --validation_file dev.csv --text_columns sentence --label_column label --num_labels 2
+
+Metrics per task (accuracy, F1, Matthews for CoLA, Pearson/Spearman for STS-B); several seeds, the
+median reported; results.json + results.md; ``--adapter none`` trains only the head (a linear probe of
+the frozen encoder). Checkpoints every epoch; ``--resume_from_checkpoint latest`` continues a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import boftvision as bv
+from boftvision.data.text import GLUE_MAIN_METRIC, GLUE_TASKS, load_glue, read_rows, text_examples
+from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
+from boftvision.metrics.classification import glue_metrics
+from boftvision.training import (
+    add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
+    resolve_checkpoint, save_checkpoint, seed_everything,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("--task_name", choices=sorted(GLUE_TASKS), default=None)
+    p.add_argument("--train_file", default=None)
+    p.add_argument("--validation_file", default=None)
+    p.add_argument("--text_columns", nargs="+", default=["sentence"])
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--num_labels", type=int, default=2, help="1 = regression")
+    p.add_argument("--targets", default="all_linear", choices=["attention", "all_linear", "all_linear_but_head"])
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train_batch_size", type=int, default=32)
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--head_learning_rate", type=float, default=None, help="default: --learning_rate")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--warmup_ratio", type=float, default=0.06)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--output_dir", default="outputs/glue")
+    p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    add_adapter_arguments(p, allow_none=True)
+    args = p.parse_args(argv)
+    if args.task_name:
+        args.text_columns, args.num_labels = list(GLUE_TASKS[args.task_name][0]), GLUE_TASKS[args.task_name][1]
+    elif not (args.train_file and args.validation_file):
+        p.error("give --task_name, or --train_file and --validation_file")
+    return args
+
+
+def load_data(args):
+    regression = args.num_labels == 1
+    if args.task_name:
+        val = "validation_matched" if args.task_name == "mnli" else "validation"
+        splits = {"train": load_glue(args.task_name, "train"), "validation": load_glue(args.task_name, val)}
+        sources = {k: f"glue/{args.task_name}/{k}" for k in splits}
+    else:
+        splits = {"train": read_rows(args.train_file), "validation": read_rows(args.validation_file)}
+        sources = {"train": args.train_file, "validation": args.validation_file}
+    return {k: text_examples(rows, args.text_columns, args.label_column, regression, sources[k])
+            for k, rows in splits.items()}
+
+
+def build_model(args):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=args.num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    if args.adapter == "none":  # linear probe: frozen encoder, trainable head
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in SEQ_CLS_HEADS)
+    else:
+        add_task_adapter(model, adapter_config_from_args(args, None), preset=args.targets)
+    return tokenizer, model
+
+
+def collate(tokenizer, max_length, regression):
+    def fn(batch):
+        texts = list(zip(*[texts for texts, _ in batch]))
+        enc = tokenizer(*texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc["labels"] = torch.tensor([label for _, label in batch], dtype=torch.float if regression else torch.long)
+        return enc
+    return fn
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, regression: bool) -> dict[str, float]:
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        pred = logits.squeeze(-1) if regression else logits.argmax(-1)
+        pred, label = accelerator.gather_for_metrics((pred, batch["labels"]))
+        preds.append(pred.float().cpu())
+        labels.append(label.float().cpu())
+    model.train()
+    return glue_metrics(torch.cat(preds).numpy(), torch.cat(labels).numpy(), regression)
+
+
+def run(args, accelerator, data, seed: int, run_dir: Path) -> dict:
+    seed_everything(seed)
+    regression = args.num_labels == 1
+    tokenizer, model = build_model(args)
+    counts = bv.count_parameters(model)
+    fn = collate(tokenizer, args.max_length, regression)
+    train_loader = DataLoader(data["train"], args.train_batch_size, shuffle=True, collate_fn=fn)
+    eval_loader = DataLoader(data["validation"], args.eval_batch_size, collate_fn=fn)
+    optimizer = make_optimizer(model, args, args.learning_rate, args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    total = steps_per_epoch * args.epochs
+    scheduler = cosine_with_warmup(optimizer, int(args.warmup_ratio * total), total)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    start, history = 0, []
+    checkpoint = resolve_checkpoint(run_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        start, history = state["epoch"], state["history"]
+    progress = tqdm(total=total, initial=start * steps_per_epoch, desc=f"seed {seed}",
+                    disable=not accelerator.is_local_main_process)
+    for epoch in range(start, args.epochs):
+        running = 0.0
+        for batch in train_loader:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.item()
+            progress.update(1)
+        metrics = evaluate(model, eval_loader, accelerator, regression)
+        history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
+        progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
+        if accelerator.is_main_process:
+            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, (epoch + 1) * steps_per_epoch,
+                            extra={"epoch": epoch + 1, "history": history}, keep=args.checkpoints_total_limit)
+    progress.close()
+    result = {"seed": seed, "final": history[-1], "history": history, "trainable": counts.trainable,
+              "stored": counts.stored}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if args.adapter != "none":
+            bv.save_adapter(unwrapped, run_dir / "adapter")
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    data = load_data(args)
+    out = Path(args.output_dir)
+    runs = [run(args, accelerator, data, seed, out / f"seed{seed}") for seed in args.seeds]
+    metric_names = list(runs[0]["final"])[2:]
+    summary = {name: statistics.median(r["final"][name] for r in runs) for name in metric_names}
+    main_metric = GLUE_MAIN_METRIC.get(args.task_name, "pearson" if args.num_labels == 1 else "accuracy")
+    report = {"task": args.task_name or Path(args.train_file).stem, "adapter": args.adapter,
+              "median": summary, "main_metric": main_metric, "trainable": runs[0]["trainable"],
+              "stored": runs[0]["stored"], "runs": runs}
+    if accelerator.is_main_process:
+        (out / "results.json").write_text(json.dumps(report, indent=2))
+        table = ("| task | adapter | trainable | stored | " + " | ".join(metric_names) + " |\n|"
+                 + "---|" * (4 + len(metric_names)) + f"\n| {report['task']} | {args.adapter} | "
+                 f"{report['trainable']:,} | {report['stored']:,} | "
+                 + " | ".join(f"{summary[m]:.2f}" for m in metric_names) + " |\n")
+        (out / "results.md").write_text(table)
+        print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
