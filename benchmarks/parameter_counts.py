@@ -55,6 +55,54 @@ def dinov2_rows() -> list[str]:
     return rows
 
 
+DEBERTA_V3_BASE = [  # BOFT paper, GLUE table
+    ("LoRA r=8", bv.LoRAConfig(r=8), 1.33),
+    ("OFT b=16", bv.OFTConfig(block_size=16), 0.79),
+    ("BOFT m=2 b=8", bv.BOFTConfig(block_size=8, n_butterfly_factor=2), 0.75),
+]
+
+
+def deberta_v3_base():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    return DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"], share_att_key=True,
+        norm_rel_ebd="layer_norm", max_relative_positions=-1, num_labels=2))
+
+
+def roberta_large():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1, num_labels=2))
+
+
+def language_rows() -> list[str]:
+    from boftvision.integrations.language import PRESETS as LM
+
+    rows = ["## DeBERTaV3-base, GLUE (BOFT paper)", "",
+            "Targets: query/key/value projections, attention output, intermediate and output dense layers of the "
+            "12 blocks (the classifier head not counted).", "",
+            "| adapter | trainable | stored | paper's convention | paper |", "|---|---|---|---|---|"]
+    for label, config, paper in DEBERTA_V3_BASE:
+        config.target_modules = LM["deberta-v2"]["all_linear"]
+        trainable, stored, convention = count(deberta_v3_base, config)
+        rows.append(f"| {label} | {trainable:,} | {stored:,} | {convention:,} ({convention / 1e6:.2f}M) | {paper:.2f}M |")
+    h, b, r = 90, 256, 4
+    config = bv.VBLoRAConfig(r=r, num_vectors=h, vector_length=b, topk=2, target_modules=LM["roberta"]["all_linear"])
+    trainable, stored, _ = count(roberta_large, config)
+    formula = h * b + 3 * 24 * 6 * r * (1024 // b)
+    rows += ["", "## RoBERTa-large, VB-LoRA (h=90, b=256, r=4, k=2, all linear layers)", "",
+             "| trainable (bank + logits) | stored (fp32-equivalent) | formula h·b + 3·L·M·r·(d/b) |", "|---|---|---|",
+             f"| {trainable:,} | {stored:,} | {formula:,} |", "",
+             "The formula assumes square d×d modules. Four of the six modules per block are 1024×1024; fc1 and "
+             "fc2 are 1024×4096 and carry (1024 + 4096)/256 = 20 sub-vectors per rank instead of 8. Our stored "
+             f"count is the formula's with that correction: {h * b:,} + 1.5 · 24 · 4 · (4·8 + 2·20) = {stored:,}."]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/parameter_counts.md")
@@ -63,7 +111,8 @@ def main() -> None:
              "Command: `python benchmarks/parameter_counts.py` (models built from configs on the meta device).", "",
              "## DINOv2-large, VTAB-1K (BOFT paper, Table 4)", "",
              "Targets: every linear layer of attention (q, k, v, output) and MLP (fc1, fc2) in the 24 blocks; "
-             "the classification head is not counted.", "", *dinov2_rows(), "", DINOV2_NOTES]
+             "the classification head is not counted.", "", *dinov2_rows(), "", DINOV2_NOTES, "",
+             *language_rows()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -81,6 +130,7 @@ DINOV2_NOTES = """Reading the table:
   for BOFT(m=2, b=8) only by coincidence of the arithmetic (d·b + n = (b−1)·d + 2n here, because every
   layer's input-width sum equals its output-width sum, 9,216 per block). With the true m=2, PEFT
   trains 3,760,128 parameters (our *trainable* column); its stored-equivalent count is our *stored*.
+- The same convention reproduces the paper's DeBERTaV3-base GLUE rows below (OFT 0.79M, BOFT 0.75M).
 - Reading the paper's BOFT(m, b) as R(m, b/2) (blocks of half the size) gives the same trainable
   count as PEFT's m=1 for m=2 b=8 but not for m=4 b=4 or m=6 b=2, so we do not adopt it.
 """

@@ -19,9 +19,7 @@ class _TorchBlockDiag:
         return torch.stack([torch.block_diag(*torch.unbind(b)) for b in blocks])
 
 
-def peft_model(base: torch.nn.Module, peft_config):
-    """``get_peft_model`` on a copy of ``base``; BOFT keeps its requested number of factors."""
-    import peft
+def _build(make):
     import peft.tuners.boft.layer as boft_layer
 
     boft_layer.FastBlockDiag = _TorchBlockDiag
@@ -30,6 +28,20 @@ def peft_model(base: torch.nn.Module, peft_config):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return peft.get_peft_model(copy.deepcopy(base), peft_config)
+            return make()
     finally:
         boft_layer.get_fbd_cuda = saved
+
+
+def peft_model(base: torch.nn.Module, peft_config):
+    """``get_peft_model`` on a copy of ``base``; BOFT keeps its requested number of factors."""
+    import peft
+
+    return _build(lambda: peft.get_peft_model(copy.deepcopy(base), peft_config))
+
+
+def peft_from_pretrained(base: torch.nn.Module, path):
+    """``PeftModel.from_pretrained`` on a copy of ``base``; BOFT keeps its number of factors."""
+    from peft import PeftModel
+
+    return _build(lambda: PeftModel.from_pretrained(copy.deepcopy(base), path))

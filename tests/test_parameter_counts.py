@@ -9,7 +9,7 @@ import boftvision as bv
 from boftvision.integrations.dinov2 import PRESETS, dinov2_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from parameter_counts import count  # noqa: E402
+from parameter_counts import count, deberta_v3_base, roberta_large  # noqa: E402
 
 
 @pytest.mark.parametrize("config,trainable,stored,paper", [
@@ -21,3 +21,21 @@ from parameter_counts import count  # noqa: E402
 def test_dinov2_large_counts(config, trainable, stored, paper):
     config.target_modules = PRESETS["all_linear"]
     assert count(lambda: Dinov2Model(dinov2_config("large")), config) == (trainable, stored, paper)
+
+
+@pytest.mark.parametrize("config,paper", [
+    (bv.LoRAConfig(r=8), 1_327_104), (bv.OFTConfig(block_size=16), 787_968),
+    (bv.BOFTConfig(block_size=8, n_butterfly_factor=2), 746_496),
+])
+def test_deberta_v3_base_counts(config, paper):
+    from boftvision.integrations.language import PRESETS as LM
+
+    config.target_modules = LM["deberta-v2"]["all_linear"]
+    assert count(deberta_v3_base, config)[2] == paper  # paper: 1.33M, 0.79M, 0.75M
+
+
+def test_roberta_large_vblora_stored_count():
+    from boftvision.integrations.language import PRESETS as LM
+
+    config = bv.VBLoRAConfig(r=4, num_vectors=90, vector_length=256, topk=2, target_modules=LM["roberta"]["all_linear"])
+    assert count(roberta_large, config)[1] == 90 * 256 + round(1.5 * 24 * 4 * (4 * 8 + 2 * 20))

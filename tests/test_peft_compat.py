@@ -2,13 +2,11 @@
 PeftModel.from_pretrained with equal outputs (max abs error ≤ 1e-5 in fp32)."""
 import copy
 import json
-import warnings
 
 import peft
 import pytest
 import torch
-from peft import PeftModel
-from peft_reference import peft_model
+from peft_reference import peft_from_pretrained, peft_model
 from torch import nn
 
 import boftvision as bv
@@ -81,8 +79,6 @@ def test_peft_directory_loads_with_equal_outputs(tmp_path, data, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_our_directory_loads_in_peft_with_equal_outputs(tmp_path, data, case):
-    import peft.tuners.boft.layer as boft_layer
-
     base, inputs = data
     config = bv.config_from_dict(CASES[case].to_dict())
     config.init_weights = False
@@ -93,14 +89,7 @@ def test_our_directory_loads_in_peft_with_equal_outputs(tmp_path, data, case):
     bv.save_adapter(ours, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == CASES[case].peft_type.value
-    saved_fbd = boft_layer.get_fbd_cuda
-    boft_layer.get_fbd_cuda = lambda: True  # PEFT's true m > 1 (see peft_reference.py)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    finally:
-        boft_layer.get_fbd_cuda = saved_fbd
+    reference = peft_from_pretrained(base, tmp_path).eval()  # PEFT's true m > 1 (see peft_reference.py)
     with torch.no_grad():
         assert max_error(reference(*inputs), ours(*inputs)) <= 1e-5
 

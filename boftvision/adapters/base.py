@@ -149,6 +149,9 @@ class AdaptedLayer(nn.Module):
     def merge(self) -> None:
         if self.active is None or self.merged is not None:
             return
+        if not self.base_layer.weight.is_floating_point():
+            raise RuntimeError(f"cannot merge into the quantized weight of {type(self.base_layer).__name__}; "
+                               "load the base model in bf16/fp16/fp32 to merge")
         self.adapters[self.active].merge(self.base_layer)
         self.merged = self.active
 

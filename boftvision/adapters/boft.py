@@ -108,18 +108,22 @@ class OrthogonalAdapter(Adapter):
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x, base.weight)
         blocks = self.rotation_blocks()
-        bias = None if base.bias is None else base.bias.to(dtype)
-        x = x.to(dtype)
-        if self.choose_side(x) == "weight":
+        x = x.to(dtype) if base.weight.is_floating_point() else x
+        quantized = not base.weight.is_floating_point()  # e.g. bitsandbytes 4-bit: only the input side works
+        if not quantized and self.choose_side(x) == "weight":
+            bias = None if base.bias is None else base.bias.to(dtype)
             weight = self.rotated_weight(base, blocks, dtype)
             if self.shape.is_conv:
                 return base._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
-        y = F.linear(butterfly_apply(x, blocks.to(dtype)), self.shape.weight(base).to(dtype))
+        y = base(butterfly_apply(x, blocks.to(x.dtype)))  # PEFT's order: rotate, base layer, scale w/o bias
         s = self.scale()
-        if s is not None:
-            y = y * s.reshape(-1).to(dtype)
-        return y if bias is None else y + bias
+        if s is None:
+            return y
+        if base.bias is None:
+            return y * s.reshape(-1).to(y.dtype)
+        bias = base.bias.to(y.dtype)
+        return (y - bias) * s.reshape(-1).to(y.dtype) + bias
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:

