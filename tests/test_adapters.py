@@ -87,6 +87,20 @@ def test_input_side_equals_weight_side(net, inputs, method):
         torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-4)
 
 
+def test_collapsed_and_factorwise_rotation_agree(net, inputs):
+    model = bv.add_adapter(net, CONFIGS["boft"](LINEAR + CONV, init=False))
+    results = []
+    for collapse in (True, False):
+        for _, layer in adapted_layers(model):
+            layer.adapters["default"].collapse = collapse
+        model.zero_grad()
+        out = run(model, inputs)
+        sum(o.square().sum() for o in out).backward()
+        results.append(([o.detach() for o in out], [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_auto_side_by_cost(net):
     model = bv.add_adapter(net, CONFIGS["boft"](LINEAR))
     adapter = model.fc1.adapters["default"]  # n = 64 output rows, m = 2

@@ -5,7 +5,8 @@ from peft.tuners.boft.layer import BOFTLayer
 from peft.tuners.oft.layer import OFTRotationModule
 
 from boftvision.ops.orthogonal import (
-    apply_factor, butterfly_apply, butterfly_perm, cayley, cayley_neumann, check_butterfly_shape,
+    apply_factor, butterfly_apply, butterfly_perm, butterfly_span, cayley, cayley_neumann, check_butterfly_shape,
+    collapse_butterfly,
     dense_rotation, max_butterfly_factors, multiplicative_dropout, orthogonality_error, rotate_weight,
     skew_from_square, skew_from_upper, upper_from_skew,
 )
@@ -126,3 +127,15 @@ def test_vector_bank_admixture_and_topk_round_trip():
     torch.testing.assert_close(admix(topk_expand(indices, weights, 16), bank, 2), admix(logits, bank, 2))
     a, b = lora_factors(torch.randn(2, 3, 16), torch.randn(5, 2, 16), bank, 2)
     assert a.shape == (2, 12) and b.shape == (20, 2)
+
+
+@pytest.mark.parametrize("d,b,m", [(16, 2, 3), (64, 4, 3), (96, 8, 2), (32, 2, 5)])
+def test_collapsed_butterfly_is_the_block_diagonal_of_r(d, b, m):
+    torch.manual_seed(0)
+    blocks = torch.randn(m, d // b, b, b, dtype=torch.float64)
+    r, span = dense_reference(blocks), butterfly_span(b, m)
+    diagonal = collapse_butterfly(blocks)
+    assert diagonal.shape == (d // span, span, span)
+    torch.testing.assert_close(torch.block_diag(*diagonal), r)  # and nothing outside the diagonal blocks
+    x = torch.randn(5, d, dtype=torch.float64)
+    torch.testing.assert_close(apply_factor(x, diagonal, 0), butterfly_apply(x, blocks))

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..config import BOFTConfig, OFTConfig
 from ..ops.orthogonal import (
-    butterfly_apply, cayley, check_butterfly_shape, max_butterfly_factors, multiplicative_dropout,
-    rotate_weight, skew_from_square,
+    apply_factor, butterfly_apply, butterfly_span, cayley, check_butterfly_shape, collapse_butterfly,
+    max_butterfly_factors, multiplicative_dropout, rotate_weight, skew_from_square,
 )
 from .base import Adapter, LayerShape, compute_dtype
 
@@ -42,6 +42,7 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
 
 
 PASS_COST = 500  # MAC-equivalents per element of one memory-bound pass (see choose_side)
+COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
 
 
 class OrthogonalAdapter(Adapter):
@@ -55,6 +56,7 @@ class OrthogonalAdapter(Adapter):
         self.block_num = shape.d // block_size
         self.identity_factors = 0  # butterfly interpolation: leftmost components set to I
         self.reset_scale = False
+        self.collapse = n_factors > 1 and butterfly_span(block_size, n_factors) <= COLLAPSE_SPAN
 
     # --- method-specific parametrisation -------------------------------------------------
     def orthogonal_blocks(self) -> torch.Tensor:  # pragma: no cover
@@ -91,15 +93,24 @@ class OrthogonalAdapter(Adapter):
         if self.rotation_side != "auto":
             return self.rotation_side
         tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
-        passes = PASS_COST * (1 + 3 * (self.n_factors - 1))
+        passes = PASS_COST if self.collapse else PASS_COST * (1 + 3 * (self.n_factors - 1))
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         sweeps = 3 if training else 1  # forward + two backward products
         input_cost = tokens * d * passes * sweeps
         weight_cost = n * d * passes * sweeps + (2 * tokens * n * d if training else 0)
         return "input" if input_cost < weight_cost else "weight"
 
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``x @ R`` (``x @ Rᵀ``) with fp32 ``blocks`` cast to x's dtype: one block product over R's
+        collapsed diagonal blocks when they are narrow (see ``COLLAPSE_SPAN``), else factor by factor."""
+        if self.collapse:
+            diagonal = collapse_butterfly(blocks)
+            return apply_factor(x, (diagonal.transpose(-1, -2) if transpose else diagonal).to(x.dtype), 0)
+        return butterfly_apply(x, blocks.to(x.dtype), transpose=transpose)
+
     def rotated_weight(self, base: nn.Module, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        weight = rotate_weight(self.shape.weight(base).to(dtype), blocks.to(dtype))
+        weight = self.shape.weight(base).to(dtype)
+        weight = self.rotate(weight.reshape(weight.shape[0], -1), blocks, transpose=True).reshape(weight.shape)
         s = self.scale()
         if s is not None:
             weight = weight * s.reshape(-1, *[1] * (weight.dim() - 1)).to(dtype)
@@ -116,7 +127,7 @@ class OrthogonalAdapter(Adapter):
             if self.shape.is_conv:
                 return base._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
-        y = base(butterfly_apply(x, blocks.to(x.dtype)))  # PEFT's order: rotate, base layer, scale w/o bias
+        y = base(self.rotate(x, blocks))  # PEFT's order: rotate, base layer, scale w/o bias
         s = self.scale()
         if s is None:
             return y

@@ -135,6 +135,25 @@ def butterfly_apply(
     return x
 
 
+def butterfly_span(block_size: int, n_factors: int) -> int:
+    """Width of the independent diagonal blocks of R: factor i mixes within segments of b·2^i, so
+    ``R = B_{m−1} ⋯ B_0`` is block-diagonal with blocks of size b·2^(m−1)."""
+    return block_size * 2 ** (n_factors - 1)
+
+
+def collapse_butterfly(blocks: torch.Tensor) -> torch.Tensor:
+    """The diagonal blocks of R, (d/B, B, B) with B = :func:`butterfly_span`: ``x @ R`` then equals one
+    block product ``apply_factor(x, collapsed, 0)`` — one pass over x instead of m passes and 2(m−1)
+    reshapes. Built by pushing the B identity rows, tiled across the segments, through the factors:
+    O(B·d·b·m), far from a d×d matrix while B ≪ d.
+    """
+    m, n, b, _ = blocks.shape
+    d, span = n * b, butterfly_span(b, m)
+    tiled = torch.eye(span, device=blocks.device, dtype=blocks.dtype).repeat(1, d // span)  # (B, d)
+    rows = butterfly_apply(tiled, blocks)  # row r, segment s = row r of R_s
+    return rows.reshape(span, d // span, span).transpose(0, 1)
+
+
 def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Weight-side rotation of a (n, d, ...) weight flattened to (n, d'): ``W0 Rᵀ`` (or ``W R⁻ᵀ``).
 
