@@ -78,6 +78,12 @@ def main() -> None:
         std = statistics.stdev(e) if len(e) > 1 else 0.0
         name = f"OFT(b={b})" if m == 1 else f"BOFT({m},{b})"
         lines.append(f"| {name} | {m} | {b} | {params(m, b):,} | {statistics.mean(e):.4f} ± {std:.4f} |")
+    lines += ["", "The paper's comparisons (Fig. 5):"]
+    for a, b in (((9, 2), (1, 16)), ((6, 4), (2, 16))):
+        if a in errors and b in errors:
+            ea, eb = statistics.mean(errors[a]), statistics.mean(errors[b])
+            lines.append(f"- BOFT{a} vs {'OFT(b=%d)' % b[1] if b[0] == 1 else 'BOFT%s' % (b,)}: error {ea:.4f} vs "
+                         f"{eb:.4f} with {params(*a):,} vs {params(*b):,} parameters")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "expressiveness.md").write_text("\n".join(lines) + "\n")
