@@ -146,6 +146,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             adapter.topk_only = topk_only
         if adapter is not None and (not is_trainable or topk_only):
             adapter.requires_grad_(False)
+    if not is_trainable:
+        for module in modules_to_save(model, config).values():
+            module.requires_grad_(False)
     return model
 
 

@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -147,3 +148,23 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) ->
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return json.loads((Path(path) / "state.json").read_text())
+
+
+def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_loader, epochs: int,
+                   warmup_ratio: float, run_dir: str | Path, resume: str | None) -> SimpleNamespace:
+    """Cosine schedule over ``epochs``, ``accelerator.prepare``, and resume from ``run_dir`` when asked.
+
+    Returns the prepared objects plus ``steps_per_epoch``, ``total`` and ``state`` (the resumed
+    checkpoint's state.json; ``{"epoch": 0}`` on a fresh start)."""
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    total = steps_per_epoch * epochs
+    scheduler = cosine_with_warmup(optimizer, int(warmup_ratio * total), total)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    state = {"epoch": 0}
+    checkpoint = resolve_checkpoint(run_dir, resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        accelerator.print(f"resumed from {checkpoint} (epoch {state['epoch']})")
+    return SimpleNamespace(model=model, optimizer=optimizer, train_loader=train_loader, eval_loader=eval_loader,
+                           scheduler=scheduler, steps_per_epoch=steps_per_epoch, total=total, state=state)

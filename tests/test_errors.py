@@ -145,3 +145,12 @@ def test_peft_init_that_rewrites_base_weights_is_refused():
     with pytest.raises(ValueError, match="'pissa' changes the base model's weights"):
         bv.config_from_dict({"peft_type": "LORA", "r": 4, "init_lora_weights": "pissa"})
     assert bv.config_from_dict({"peft_type": "LORA", "init_lora_weights": "gaussian"}).init_weights is True
+
+
+def test_loading_for_inference_freezes_adapter_and_saved_modules(tmp_path, net):
+    cfg = bv.LoRAConfig(r=2, target_modules=LINEAR, modules_to_save=["conv2"])
+    model = bv.add_adapter(copy.deepcopy(net), cfg)
+    assert model.conv2.weight.requires_grad
+    bv.save_adapter(model, tmp_path)
+    loaded = bv.load_adapter(net, tmp_path, is_trainable=False)
+    assert not any(p.requires_grad for p in loaded.parameters())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from boftvision.data.text import GLUE_MAIN_METRIC, GLUE_TASKS, load_glue, read_r
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
-    add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
-    resolve_checkpoint, save_checkpoint, seed_everything,
+    add_adapter_arguments, adapter_config_from_args, make_optimizer, prepare_epochs, save_checkpoint, seed_everything,
 )
 
 
@@ -116,7 +114,7 @@ def evaluate(model, loader, accelerator, regression: bool) -> dict[str, float]:
     return glue_metrics(torch.cat(preds).numpy(), torch.cat(labels).numpy(), regression)
 
 
-def run(args, accelerator, data, seed: int, run_dir: Path) -> dict:
+def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dict:
     seed_everything(seed)
     regression = args.num_labels == 1
     tokenizer, model = build_model(args)
@@ -125,16 +123,12 @@ def run(args, accelerator, data, seed: int, run_dir: Path) -> dict:
     train_loader = DataLoader(data["train"], args.train_batch_size, shuffle=True, collate_fn=fn)
     eval_loader = DataLoader(data["validation"], args.eval_batch_size, collate_fn=fn)
     optimizer = make_optimizer(model, args, args.learning_rate, args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-    total = steps_per_epoch * args.epochs
-    scheduler = cosine_with_warmup(optimizer, int(args.warmup_ratio * total), total)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
-    start, history = 0, []
-    checkpoint = resolve_checkpoint(run_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
-        start, history = state["epoch"], state["history"]
+    run = prepare_epochs(accelerator, model, optimizer, train_loader, eval_loader, args.epochs, args.warmup_ratio,
+                         run_dir, args.resume_from_checkpoint)
+    model, optimizer, train_loader, eval_loader, scheduler = (run.model, run.optimizer, run.train_loader,
+                                                              run.eval_loader, run.scheduler)
+    steps_per_epoch, total = run.steps_per_epoch, run.total
+    start, history = run.state["epoch"], run.state.get("history", [])
     progress = tqdm(total=total, initial=start * steps_per_epoch, desc=f"seed {seed}",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(start, args.epochs):
@@ -169,7 +163,7 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     data = load_data(args)
     out = Path(args.output_dir)
-    runs = [run(args, accelerator, data, seed, out / f"seed{seed}") for seed in args.seeds]
+    runs = [train_and_evaluate(args, accelerator, data, seed, out / f"seed{seed}") for seed in args.seeds]
     metric_names = list(runs[0]["final"])[2:]
     summary = {name: statistics.median(r["final"][name] for r in runs) for name in metric_names}
     main_metric = GLUE_MAIN_METRIC.get(args.task_name, "pearson" if args.num_labels == 1 else "accuracy")

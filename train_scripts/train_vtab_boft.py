@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -30,8 +29,7 @@ from boftvision.data.vtab import GROUPS, TASKS, VTABDataset
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
 from boftvision.training import (
-    add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
-    resolve_checkpoint, save_checkpoint, seed_everything,
+    add_adapter_arguments, adapter_config_from_args, make_optimizer, prepare_epochs, save_checkpoint, seed_everything,
 )
 
 
@@ -73,7 +71,7 @@ def build_model(args, num_classes: int) -> Dinov2Classifier:
     return add_classifier_adapter(model, adapter_config_from_args(args, PRESETS[args.targets]))
 
 
-def run(args, accelerator: Accelerator, task: str, seed: int, lr: float, train_split: str, eval_split: str,
+def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr: float, train_split: str, eval_split: str,
         run_dir: Path) -> dict:
     """Train one (task, seed, lr) and return its final-epoch accuracy on ``eval_split``."""
     seed_everything(seed)
@@ -85,18 +83,12 @@ def run(args, accelerator: Accelerator, task: str, seed: int, lr: float, train_s
     train_loader = DataLoader(train_set, args.train_batch_size, shuffle=True, num_workers=args.num_workers,
                               drop_last=False)
     eval_loader = DataLoader(eval_set, args.eval_batch_size, num_workers=args.num_workers)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-    total = steps_per_epoch * args.epochs
-    scheduler = cosine_with_warmup(optimizer, int(args.warmup_ratio * total), total)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
-
-    start_epoch, losses = 0, []
-    checkpoint = resolve_checkpoint(run_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
-        start_epoch, losses = state["epoch"], state["losses"]
-        accelerator.print(f"resumed {task} seed {seed} from {checkpoint} (epoch {start_epoch})")
+    run = prepare_epochs(accelerator, model, optimizer, train_loader, eval_loader, args.epochs, args.warmup_ratio,
+                         run_dir, args.resume_from_checkpoint)
+    model, optimizer, train_loader, eval_loader, scheduler = (run.model, run.optimizer, run.train_loader,
+                                                              run.eval_loader, run.scheduler)
+    steps_per_epoch, total = run.steps_per_epoch, run.total
+    start_epoch, losses = run.state["epoch"], run.state.get("losses", [])
 
     progress = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=f"{task} s{seed} lr{lr:g}",
                     disable=not accelerator.is_local_main_process)
@@ -165,12 +157,12 @@ def main(argv=None) -> None:
     for task in args.tasks:
         lr = hparams.get(task, {}).get("learning_rate", args.learning_rate)
         if args.search_lrs:
-            scores = {c: run(args, accelerator, task, args.seeds[0], c, "train800", "val200",
+            scores = {c: train_and_evaluate(args, accelerator, task, args.seeds[0], c, "train800", "val200",
                              out / task / f"search-lr{c:g}")["top1"] for c in args.search_lrs}
             lr = max(scores, key=scores.get)
             accelerator.print(f"{task}: val200 top-1 by lr {scores} → {lr:g}")
         for seed in args.seeds:
-            results.append(run(args, accelerator, task, seed, lr, "train800val200", "test", out / task / f"seed{seed}"))
+            results.append(train_and_evaluate(args, accelerator, task, seed, lr, "train800val200", "test", out / task / f"seed{seed}"))
             accelerator.print(f"{task} seed {seed}: test top-1 {results[-1]['top1']:.2f}")
     if accelerator.is_main_process:
         params = results[0]["adapter_stored"] if results else 0
