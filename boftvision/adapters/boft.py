@@ -83,9 +83,10 @@ class OrthogonalAdapter(Adapter):
     def choose_side(self, x: torch.Tensor) -> str:
         """Cheaper side for this call, in multiply-add equivalents.
 
-        A pass of a factor over a (rows × d) tensor is memory-bound: ~PASS_COST MACs per element on
-        both a 2-core CPU and an H100 (measured: benchmarks/bench_layers.py); factors after the first
-        need two extra reshape passes. The weight side rotates n rows instead of the tokens, but in
+        A pass of a factor over a (rows × d) tensor is memory-bound: ~PASS_COST MACs per element,
+        calibrated on this workplace's 2-core CPU (benchmarks/bench_layers.py) and of the same order on
+        a GPU by its FLOP-to-bandwidth ratio (not yet measured there); factors after the first need two
+        extra reshape passes unless the butterfly is collapsed. The weight side rotates n rows instead of the tokens, but in
         training it adds a tokens×n×d matmul for the rotated weight's gradient.
         """
         if self.shape.is_conv:
@@ -117,10 +118,10 @@ class OrthogonalAdapter(Adapter):
         return weight
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        quantized = not base.weight.is_floating_point()  # e.g. bitsandbytes 4-bit: only the input side works
         dtype = compute_dtype(x, base.weight)
         blocks = self.rotation_blocks()
-        x = x.to(dtype) if base.weight.is_floating_point() else x
-        quantized = not base.weight.is_floating_point()  # e.g. bitsandbytes 4-bit: only the input side works
+        x = x if quantized else x.to(dtype)
         if not quantized and self.choose_side(x) == "weight":
             bias = None if base.bias is None else base.bias.to(dtype)
             weight = self.rotated_weight(base, blocks, dtype)
