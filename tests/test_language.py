@@ -172,3 +172,22 @@ def test_pretrained_minilm_beats_a_linear_probe(tmp_path):
                                         "--runs", "linear probe (frozen encoder)", "BOFT m=2 b=8"])
     probe, boft = (r["median"]["accuracy"] for r in reports)
     assert boft >= 90.0 and boft >= probe + 20.0
+
+
+def test_glue_script_trains_in_train_mode(models, tmp_path, monkeypatch):
+    """from_pretrained returns eval mode; every training step must run in train mode (dropout on)."""
+    modes = []
+    original = train_glue_boft.build_model
+
+    def spy_build(args):
+        tokenizer, model = original(args)
+        model.register_forward_pre_hook(lambda module, *_: modes.append(module.training))
+        return tokenizer, model
+
+    monkeypatch.setattr(train_glue_boft, "build_model", spy_build)
+    train = write_csv(negation_rows(32, 0), tmp_path / "train.csv")
+    train_glue_boft.main(["--model_name_or_path", str(models / "bert"), "--train_file", str(train),
+                          "--validation_file", str(train), "--epochs", "2", "--train_batch_size", "16",
+                          "--adapter", "lora", "--output_dir", str(tmp_path / "out")])
+    # 2 epochs × (2 training batches, then 1 evaluation batch)
+    assert modes == [True, True, False, True, True, False]

@@ -110,7 +110,6 @@ def evaluate(model, loader, accelerator, regression: bool) -> dict[str, float]:
         pred, label = accelerator.gather_for_metrics((pred, batch["labels"]))
         preds.append(pred.float().cpu())
         labels.append(label.float().cpu())
-    model.train()
     return glue_metrics(torch.cat(preds).numpy(), torch.cat(labels).numpy(), regression)
 
 
@@ -132,6 +131,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
     progress = tqdm(total=total, initial=start * steps_per_epoch, desc=f"seed {seed}",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(start, args.epochs):
+        model.train()  # from_pretrained returns the model in eval mode
         running = 0.0
         for batch in train_loader:
             loss = model(**batch).loss

@@ -93,6 +93,7 @@ def train(args) -> dict:
         state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
         step, losses = state["step"], state["losses"]
     progress = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process)
+    model.train()  # from_pretrained returns the model in eval mode
     while step < total:
         for batch in loader:
             with accelerator.accumulate(model):
