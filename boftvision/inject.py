@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import ADAPTER_CLASSES, AdaptedLayer, LayerShape, VBLoRA, new_vector_bank
 from .adapters.base import is_supported
+from .adapters.boft import OrthogonalAdapter, share_rotations
 from .config import AdapterConfig
 
 CONFIGS_ATTR = "boftvision_configs"
@@ -105,7 +106,18 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     for p in model.parameters():
         p.requires_grad_(False)
     set_adapter(model, name)
+    if any(isinstance(a, OrthogonalAdapter) for a in new.values()) and \
+            share_model_rotations not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(share_model_rotations)
     return model
+
+
+def share_model_rotations(model: nn.Module, args) -> None:
+    """Forward pre-hook of an adapted model: the rotations of all its active OFT/BOFT layers are
+    computed in one batched pass per group (see :func:`~boftvision.adapters.boft.share_rotations`)."""
+    share_rotations([layer.adapters[layer.active] for layer in model.modules()
+                     if isinstance(layer, AdaptedLayer) and layer.active is not None and not layer.disabled
+                     and layer.merged is None and isinstance(layer.adapters[layer.active], OrthogonalAdapter)])
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

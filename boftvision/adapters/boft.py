@@ -7,6 +7,9 @@ it is applied to the activations or to the rows of W0, whichever costs less for 
 """
 from __future__ import annotations
 
+import weakref
+from collections import defaultdict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +17,7 @@ from torch import nn
 from ..config import BOFTConfig, OFTConfig
 from ..ops.orthogonal import (
     apply_factor, butterfly_apply, butterfly_span, cayley, check_butterfly_shape, collapse_butterfly,
-    max_butterfly_factors, multiplicative_dropout, rotate_weight, skew_from_square,
+    max_butterfly_factors, multiplicative_dropout_mask, apply_dropout_mask, rotate_weight, skew_from_square,
 )
 from .base import Adapter, LayerShape, compute_dtype
 
@@ -41,7 +44,15 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
     return b
 
 
-PASS_COST = 500  # MAC-equivalents per element of one memory-bound pass (see choose_side)
+# adapter → (rotation operand, state key) from the last batched computation (see share_rotations);
+# weak keys: copies of a model and dropped adapters never see or keep another's tensors
+SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakref.WeakKeyDictionary()
+
+# MAC-equivalents per element of one memory-bound pass over activations, per device type (see
+# choose_side): measured on this workplace's 2-core CPU and on an H100 (benchmarks/bench_models.py,
+# where the weight side won on DINOv2-L and SD's UNet: an activation pass there is a handful of
+# permute/copy kernels, a GEMM runs near 800 TFLOP/s)
+PASS_COST = {"cpu": 500, "cuda": 4000}
 COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
 
 
@@ -49,6 +60,7 @@ class OrthogonalAdapter(Adapter):
     """What OFT and BOFT share: blocks → (dropout, interpolation) → rotation on the cheaper side."""
 
     rotation_side = "auto"  # "auto" | "input" | "weight" (tests and benchmarks pin a side)
+    raw_axis = 1  # the block axis of the raw parameter (BOFT: (m, N, b, b); OFT: (N, b(b−1)/2) → 0)
 
     def __init__(self, shape: LayerShape, config, n_factors: int, block_size: int):
         super().__init__(shape, config)
@@ -59,23 +71,58 @@ class OrthogonalAdapter(Adapter):
         self.collapse = n_factors > 1 and butterfly_span(block_size, n_factors) <= COLLAPSE_SPAN
 
     # --- method-specific parametrisation -------------------------------------------------
-    def orthogonal_blocks(self) -> torch.Tensor:  # pragma: no cover
-        """(m, N, b, b) fp32 blocks from the parameters."""
+    def raw(self) -> torch.Tensor:  # pragma: no cover
+        """The trainable tensor the blocks are computed from."""
+        raise NotImplementedError
+
+    def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """(m, N, b, b) fp32 orthogonal blocks; works on raw tensors of several layers concatenated
+        along ``raw_axis``."""
         raise NotImplementedError
 
     def output_scale(self) -> torch.Tensor | None:
         return None
 
     # --- shared -------------------------------------------------------------------------
-    def rotation_blocks(self) -> torch.Tensor:
-        blocks = self.orthogonal_blocks()
-        if self.training and self.config.dropout > 0:
-            blocks = multiplicative_dropout(blocks, self.config.dropout)
+    def orthogonal_blocks(self) -> torch.Tensor:
+        return self.blocks_from_raw(self.raw())
+
+    def finish_blocks(self, blocks: torch.Tensor, dropout_mask: torch.Tensor | None) -> torch.Tensor:
+        """Apply multiplicative dropout (training) and the interpolation's identity factors."""
+        if dropout_mask is not None:
+            blocks = apply_dropout_mask(blocks, dropout_mask.to(blocks.device))
         if self.identity_factors:
             keep = self.n_factors - min(self.identity_factors, self.n_factors)
             eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
             blocks = torch.cat([blocks[:keep], eye.expand_as(blocks[keep:])])
         return blocks
+
+    def dropout_mask(self) -> torch.Tensor | None:
+        if not (self.training and self.config.dropout > 0):
+            return None
+        return multiplicative_dropout_mask(self.n_factors, self.block_num, self.config.dropout)
+
+    def rotation_blocks(self) -> torch.Tensor:
+        return self.finish_blocks(self.orthogonal_blocks(), self.dropout_mask())
+
+    def operand(self, blocks: torch.Tensor) -> torch.Tensor:
+        """What :meth:`rotate` multiplies by: R's collapsed diagonal blocks, or the m factors."""
+        return collapse_butterfly(blocks) if self.collapse else blocks
+
+    def state_key(self) -> tuple:
+        """Everything a computed rotation depends on besides the module's identity."""
+        return (self.raw()._version, torch.is_grad_enabled(), self.training, self.identity_factors)
+
+    def batch_key(self) -> tuple:
+        """Adapters with equal keys get their rotations from one batched computation."""
+        return (type(self), id(self.config), self.block_size, self.n_factors, self.collapse, self.training,
+                self.identity_factors, self.raw().dtype, self.raw().device)
+
+    def rotation_operand(self) -> torch.Tensor:
+        shared = None if torch.compiler.is_compiling() else SHARED_ROTATIONS.get(self)
+        if shared is not None and shared[1] == self.state_key():
+            return shared[0]
+        return self.operand(self.rotation_blocks())
 
     def scale(self) -> torch.Tensor | None:
         return None if self.reset_scale else self.output_scale()
@@ -83,35 +130,34 @@ class OrthogonalAdapter(Adapter):
     def choose_side(self, x: torch.Tensor) -> str:
         """Cheaper side for this call, in multiply-add equivalents.
 
-        A pass of a factor over a (rows × d) tensor is memory-bound: ~PASS_COST MACs per element,
-        calibrated on this workplace's 2-core CPU (benchmarks/bench_layers.py) and of the same order on
-        a GPU by its FLOP-to-bandwidth ratio (not yet measured there); factors after the first need two
-        extra reshape passes unless the butterfly is collapsed. The weight side rotates n rows instead of the tokens, but in
-        training it adds a tokens×n×d matmul for the rotated weight's gradient.
+        A pass of a factor over a (rows × d) tensor is memory-bound: ~PASS_COST MACs per element
+        (measured per device type); factors after the first need two extra reshape passes unless the
+        butterfly is collapsed. The weight side rotates n rows instead of the tokens, but in training it
+        adds a tokens×n×d matmul for the rotated weight's gradient.
         """
         if self.shape.is_conv:
             return "weight"
         if self.rotation_side != "auto":
             return self.rotation_side
         tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
-        passes = PASS_COST if self.collapse else PASS_COST * (1 + 3 * (self.n_factors - 1))
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        cost = PASS_COST.get(x.device.type, PASS_COST["cpu"])
+        passes = cost if self.collapse else cost * (1 + 3 * (self.n_factors - 1))
+        training = torch.is_grad_enabled() and self.raw().requires_grad
         sweeps = 3 if training else 1  # forward + two backward products
         input_cost = tokens * d * passes * sweeps
         weight_cost = n * d * passes * sweeps + (2 * tokens * n * d if training else 0)
         return "input" if input_cost < weight_cost else "weight"
 
-    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """``x @ R`` (``x @ Rᵀ``) with fp32 ``blocks`` cast to x's dtype: one block product over R's
+    def rotate(self, x: torch.Tensor, operand: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``x @ R`` (``x @ Rᵀ``) with the fp32 operand cast to x's dtype: one block product over R's
         collapsed diagonal blocks when they are narrow (see ``COLLAPSE_SPAN``), else factor by factor."""
         if self.collapse:
-            diagonal = collapse_butterfly(blocks)
-            return apply_factor(x, (diagonal.transpose(-1, -2) if transpose else diagonal).to(x.dtype), 0)
-        return butterfly_apply(x, blocks.to(x.dtype), transpose=transpose)
+            return apply_factor(x, (operand.transpose(-1, -2) if transpose else operand).to(x.dtype), 0)
+        return butterfly_apply(x, operand.to(x.dtype), transpose=transpose)
 
-    def rotated_weight(self, base: nn.Module, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def rotated_weight(self, base: nn.Module, operand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         weight = self.shape.weight(base).to(dtype)
-        weight = self.rotate(weight.reshape(weight.shape[0], -1), blocks, transpose=True).reshape(weight.shape)
+        weight = self.rotate(weight.reshape(weight.shape[0], -1), operand, transpose=True).reshape(weight.shape)
         s = self.scale()
         if s is not None:
             weight = weight * s.reshape(-1, *[1] * (weight.dim() - 1)).to(dtype)
@@ -120,26 +166,27 @@ class OrthogonalAdapter(Adapter):
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         quantized = not base.weight.is_floating_point()  # e.g. bitsandbytes 4-bit: only the input side works
         dtype = compute_dtype(x, base.weight)
-        blocks = self.rotation_blocks()
+        operand = self.rotation_operand()
         x = x if quantized else x.to(dtype)
         if not quantized and self.choose_side(x) == "weight":
             bias = None if base.bias is None else base.bias.to(dtype)
-            weight = self.rotated_weight(base, blocks, dtype)
+            weight = self.rotated_weight(base, operand, dtype)
             if self.shape.is_conv:
                 return base._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
-        y = base(self.rotate(x, blocks))  # PEFT's order: rotate, base layer, scale w/o bias
+        y = base(self.rotate(x, operand))  # PEFT's order: rotate, base layer, scale w/o bias
         s = self.scale()
         if s is None:
             return y
+        s = s.reshape(-1).to(y.dtype)
         if base.bias is None:
-            return y * s.reshape(-1).to(y.dtype)
+            return y * s
         bias = base.bias.to(y.dtype)
-        return (y - bias) * s.reshape(-1).to(y.dtype) + bias
+        return torch.addcmul(bias, y - bias, s)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        self.shape.write_weight(base, self.rotated_weight(base, self.rotation_blocks(), torch.float32))
+        self.shape.write_weight(base, self.rotated_weight(base, self.operand(self.rotation_blocks()), torch.float32))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
@@ -167,11 +214,48 @@ class BOFT(OrthogonalAdapter):
             nn.init.normal_(self.boft_R, 0.0, 0.1)
             nn.init.normal_(self.boft_s, 1.0, 0.1)
 
-    def orthogonal_blocks(self) -> torch.Tensor:
-        return cayley(skew_from_square(self.boft_R))
+    def raw(self) -> torch.Tensor:
+        return self.boft_R
+
+    def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        return cayley(skew_from_square(raw))
 
     def output_scale(self) -> torch.Tensor:
         return self.boft_s
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"boft_R": self.boft_R, "boft_s": self.boft_s}
+
+
+def share_rotations(adapters: list[OrthogonalAdapter]) -> None:
+    """Compute the rotation operands of many adapters at once: per group of equal ``batch_key`` one
+    concatenation of the raw parameters, one batched Cayley transform, one collapse, then split.
+
+    Replaces a dozen small kernels per layer and step (forward and backward) by a dozen per group:
+    what a step of a large model spends with per-layer 8×8 solves is launch overhead. Works because
+    every step is blockwise along the block axis, and a layer's width is a multiple of the collapsed
+    span, so no butterfly segment straddles two layers. Each adapter later checks the stored state
+    key (parameter version, grad mode, train mode) and recomputes its own rotation when it is stale.
+    """
+    if torch.compiler.is_compiling():  # a compiled graph fuses the per-layer kernels itself
+        return
+    groups = defaultdict(list)
+    for adapter in adapters:
+        groups[adapter.batch_key()].append(adapter)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first = group[0]
+        blocks = first.blocks_from_raw(torch.cat([a.raw() for a in group], dim=first.raw_axis))
+        masks = [a.dropout_mask() for a in group]
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.cat([torch.zeros(a.n_factors, a.block_num, 1, 1) if m is None else m
+                              for a, m in zip(group, masks)], dim=1)
+        operand = first.operand(first.finish_blocks(blocks, mask))
+        if first.collapse:  # (Σ d/span, span, span)
+            parts = operand.split([a.shape.d // operand.shape[-1] for a in group], dim=0)
+        else:  # (m, Σ N, b, b)
+            parts = operand.split([a.block_num for a in group], dim=1)
+        for adapter, part in zip(group, parts):
+            SHARED_ROTATIONS[adapter] = (part, adapter.state_key())

@@ -38,14 +38,16 @@ class LoRA(AdditiveAdapter):
         # else: keep nn's default (Kaiming-uniform) init for B, as PEFT does: a non-trivial adapter
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The branch runs in the base output's dtype (autocast's or the base weight's): the small
+        fp32 factors are cast, not the activations, so a bf16 model keeps bf16 activations."""
         out = base(x)
-        h = self.dropout(x).to(self.lora_A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) \
-            else self.dropout(x)
+        a, b = self.lora_A.weight.to(out.dtype), self.lora_B.weight.to(out.dtype)
+        h = self.dropout(x).to(out.dtype)
         if self.shape.is_conv:
-            delta = F.conv2d(conv_like(base, self.lora_A.weight, h), self.lora_B.weight)
+            delta = F.conv2d(conv_like(base, a, h), b)
         else:
-            delta = F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight)
-        return out + (delta * self.scaling).to(out.dtype)
+            delta = F.linear(F.linear(h, a), b)
+        return torch.add(out, delta, alpha=self.scaling)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """``(alpha/r)·B A`` in the base weight's shape, fp32."""

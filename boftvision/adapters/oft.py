@@ -27,8 +27,13 @@ class OFT(OrthogonalAdapter):
         if not config.init_weights:
             nn.init.normal_(self.oft_R, 0.0, 0.1)
 
-    def orthogonal_blocks(self) -> torch.Tensor:
-        q = skew_from_upper(self.oft_R.float(), self.block_size)
+    raw_axis = 0
+
+    def raw(self) -> torch.Tensor:
+        return self.oft_R
+
+    def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        q = skew_from_upper(raw.float(), self.block_size)
         if self.config.use_cayley_neumann:
             blocks = cayley_neumann(q, self.config.num_cayley_neumann_terms)
         else:

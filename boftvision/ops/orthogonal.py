@@ -102,14 +102,14 @@ def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Te
     n, b, _ = blocks.shape
     lead = x.shape[:-1]
     if factor == 0:
-        y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, n, b), blocks)
-        return y.reshape(*lead, n * b)
+        y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, -1, b), blocks)
+        return y.reshape(*lead, -1)
     group, half = 2 ** factor, b // 2
     segments = n // group
-    xv = x.reshape(*lead, segments, 2, group, half)
+    xv = x.reshape(*lead, -1, 2, group, half)
     dv = blocks.reshape(segments, group, 2, half, 2, half)
     y = torch.einsum("...sejt,sjetfu->...sfju", xv, dv)
-    return y.reshape(*lead, n * b)
+    return y.reshape(*lead, -1)
 
 
 def butterfly_apply(
@@ -202,18 +202,29 @@ def max_butterfly_factors(width: int, block_size: int) -> int:
     return m
 
 
+def multiplicative_dropout_mask(n_factors: int, n_blocks: int, p: float) -> torch.Tensor | None:
+    """BOFT's multiplicative dropout, as a CPU mask (m, N, 1, 1): in one randomly chosen factor,
+    ⌊p·N⌋ random blocks are marked (1) to be replaced by the identity. None when nothing drops."""
+    n_drop = int(p * n_blocks)
+    if n_drop == 0:
+        return None
+    factor = int(torch.randint(0, n_factors, (1,)))
+    mask = torch.zeros(n_factors, n_blocks, 1, 1)
+    mask[factor, torch.randperm(n_blocks)[:n_drop]] = 1.0
+    return mask
+
+
+def apply_dropout_mask(blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Replace the blocks marked in ``mask`` by I; gradients flow to the kept blocks."""
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    mask = mask.to(blocks.device, blocks.dtype)
+    return blocks * (1 - mask) + eye * mask
+
+
 def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     """BOFT's multiplicative dropout: in one randomly chosen factor, replace ⌊p·N⌋ random blocks by I.
 
     blocks: (m, N, b, b) orthogonal blocks. Returns a new tensor; gradients flow to the kept blocks.
     """
-    m, n, b, _ = blocks.shape
-    n_drop = int(p * n)
-    if n_drop == 0:
-        return blocks
-    factor = int(torch.randint(0, m, (1,)))
-    dropped = torch.randperm(n)[:n_drop].to(blocks.device)
-    mask = torch.zeros(m, n, 1, 1, device=blocks.device, dtype=blocks.dtype)
-    mask[factor, dropped] = 1.0
-    eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
-    return blocks * (1 - mask) + eye * mask
+    mask = multiplicative_dropout_mask(blocks.shape[0], blocks.shape[1], p)
+    return blocks if mask is None else apply_dropout_mask(blocks, mask)
