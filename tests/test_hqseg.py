@@ -56,9 +56,9 @@ def common(root, out, *extra):
             "--oft_block_size", "8", "--vblora_vector_length", "4", "--vblora_num_vectors", "32", *extra]
 
 
-@pytest.mark.parametrize("adapter,lr", [("boft", "1e-1"), ("lora", "3e-2")])
-def test_adapters_raise_miou_and_eval_matches(setup, tmp_path, adapter, lr):
-    result = train_hqseg_boft.main(common(setup, tmp_path, "--adapter", adapter, "--epochs", "8",
+@pytest.mark.parametrize("adapter,lr,epochs", [("boft", "1e-1", "8"), ("lora", "3e-2", "8"), ("vblora", "1e-1", "16")])
+def test_adapters_raise_miou_and_eval_matches(setup, tmp_path, adapter, lr, epochs):
+    result = train_hqseg_boft.main(common(setup, tmp_path, "--adapter", adapter, "--epochs", epochs,
                                           "--learning_rate", lr))
     assert result["after"]["COIFT"]["mIoU"] > result["before"]["COIFT"]["mIoU"] + 20
     scores = eval_hqseg.main(["--data_root", str(setup / "data"), "--eval_sets", "COIFT", "--sam_config",
@@ -68,11 +68,10 @@ def test_adapters_raise_miou_and_eval_matches(setup, tmp_path, adapter, lr):
     assert "COIFT mIoU" in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.parametrize("adapter", ["oft", "vblora"])
-def test_other_adapters_train(setup, tmp_path, adapter):
-    """On this random-weight tiny SAM, OFT (no output scale) and VB-LoRA (tiny initial ΔW) lower the
-    loss within the step budget but do not yet raise mIoU (see the SAM issue's note)."""
-    result = train_hqseg_boft.main(common(setup, tmp_path, "--adapter", adapter, "--epochs", "3",
+def test_oft_trains(setup, tmp_path):
+    """On this random-weight tiny SAM, OFT (a pure rotation: no output scale) lowers the loss but does
+    not raise mIoU in 16–32 epochs at lr 1e-2…3e-1 or block sizes 8/16 (docs/hqseg.md)."""
+    result = train_hqseg_boft.main(common(setup, tmp_path, "--adapter", "oft", "--epochs", "3",
                                           "--learning_rate", "3e-2"))
     assert result["epoch_losses"][-1] < result["epoch_losses"][0]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -39,3 +39,16 @@ def test_roberta_large_vblora_stored_count():
 
     config = bv.VBLoRAConfig(r=4, num_vectors=90, vector_length=256, topk=2, target_modules=LM["roberta"]["all_linear"])
     assert count(roberta_large, config)[1] == 90 * 256 + round(1.5 * 24 * 4 * (4 * 8 + 2 * 20))
+
+
+@pytest.mark.parametrize("m,b", [(4, 4), (2, 8)])
+def test_sam_decoder_boft_counts_follow_the_formula(m, b):
+    """Stored = Σ over adapted layers of m·(d/b)·b(b−1)/2 skew entries + n scales, from the layer shapes."""
+    from boftvision.inject import find_targets
+    from boftvision.integrations.sam import PRESETS as SAM, sam_mask_decoder
+
+    layers = find_targets(sam_mask_decoder(), bv.LoRAConfig(target_modules=SAM["decoder_attention"])).values()
+    assert len(layers) == 28
+    expected = sum(m * (layer.in_features // b) * b * (b - 1) // 2 + layer.out_features for layer in layers)
+    config = bv.BOFTConfig(block_size=b, n_butterfly_factor=m, target_modules=SAM["decoder_attention"])
+    assert count(sam_mask_decoder, config)[1] == expected == {4: 44_416, 8: 50_944}[b]
