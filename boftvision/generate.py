@@ -1,0 +1,132 @@
+"""Text-to-image with adapters, and the butterfly interpolation path as one PNG grid.
+
+    python -m boftvision.generate --adapter outputs/sks --prompt "a photo of sks shape" --seed 0 \
+        --interpolate --out interpolation.png
+
+``--model`` defaults to the embedded tiny pipeline. With ``--interpolate`` (a BOFT/OFT adapter) the grid
+holds, left to right, the fine-tuned model and then 1, …, m butterfly components set to identity, and
+last the base model (all components identity and the output scale reset); every image starts from the
+same initial noise, so only the adapter changes along the row.
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from .inject import adapter_configs, disable_adapter
+from .integrations.diffusers import EMBEDDED, attach_adapters, image_grid, load_pipeline
+from .interpolate import butterfly_interpolation, num_butterfly_components
+
+
+def adapted_parts(pipe) -> list[torch.nn.Module]:
+    return [m for m in (pipe.unet, pipe.text_encoder) if adapter_configs(m)]
+
+
+def initial_noise(pipe, seed: int, n: int = 1) -> torch.Tensor:
+    size = pipe.unet.config.sample_size
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (n, pipe.unet.config.in_channels, size, size)
+    return torch.randn(shape, generator=generator).to(pipe.device, pipe.unet.dtype)
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5, n: int = 1):
+    return pipe([prompt] * n, latents=initial_noise(pipe, seed, n), num_inference_steps=steps,
+                guidance_scale=guidance_scale).images
+
+
+def orthogonal_parts(pipe) -> list[torch.nn.Module]:
+    """The pipeline's modules with an active BOFT/OFT adapter."""
+    parts = []
+    for part in adapted_parts(pipe):
+        try:
+            num_butterfly_components(part)
+        except ValueError:  # additive adapters only
+            continue
+        parts.append(part)
+    return parts
+
+
+def path_length(pipe) -> int:
+    """m: the number of butterfly components of the pipeline's adapters (0 when none is orthogonal)."""
+    return max((num_butterfly_components(part) for part in orthogonal_parts(pipe)), default=0)
+
+
+def set_identity_components(pipe, n_identity: int, reset_scale: bool = False) -> None:
+    """Butterfly interpolation on every adapted part of the pipeline (UNet, text encoder)."""
+    parts = orthogonal_parts(pipe)
+    if not parts:
+        raise ValueError("interpolation needs a BOFT or OFT adapter; this pipeline's adapters are additive "
+                         "(LoRA/VB-LoRA) or absent")
+    for part in parts:
+        butterfly_interpolation(part, min(n_identity, num_butterfly_components(part)), reset_scale)
+
+
+@torch.no_grad()
+def interpolation_path(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5):
+    """[(label, image)] from the fine-tuned model (0 components set to I) to the base model."""
+    m = path_length(pipe)
+    path = []
+    try:
+        for k in range(m + 1):
+            set_identity_components(pipe, k)
+            label = "fine-tuned" if k == 0 else f"{k}/{m} -> I"
+            path.append((label, generate(pipe, prompt, seed, steps, guidance_scale)[0]))
+    finally:
+        set_identity_components(pipe, 0)
+    with ExitStack() as stack:
+        for part in adapted_parts(pipe):
+            stack.enter_context(disable_adapter(part))
+        path.append(("base", generate(pipe, prompt, seed, steps, guidance_scale)[0]))
+    return path
+
+
+def labelled_grid(path, cols: int | None = None):
+    from PIL import ImageDraw
+
+    grid = image_grid([image for _, image in path], cols=cols or len(path))
+    cell = grid.width // (cols or len(path))
+    draw = ImageDraw.Draw(grid)
+    for i, (label, _) in enumerate(path):
+        x, y = (i % (cols or len(path))) * cell, (i // (cols or len(path))) * cell
+        draw.rectangle([x, y, x + 7 * len(label) + 6, y + 14], fill="white")
+        draw.text((x + 3, y + 2), label, fill="black")
+    return grid
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(EMBEDDED), help="diffusers pipeline folder or hub id")
+    p.add_argument("--adapter", help="train_dreambooth_boft.py's output_dir (unet/ [+ text_encoder/])")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_images", type=int, default=4, help="without --interpolate")
+    p.add_argument("--interpolate", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="generated.png")
+    args = p.parse_args(argv)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
+    if args.adapter:
+        attach_adapters(pipe, args.adapter)
+    elif args.interpolate:
+        p.error("--interpolate needs --adapter")
+    if args.interpolate:
+        grid = labelled_grid(interpolation_path(pipe, args.prompt, args.seed, args.steps, args.guidance_scale))
+    else:
+        grid = image_grid(generate(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, args.num_images),
+                          cols=args.num_images)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""DreamBooth on a tiny Stable Diffusion pipeline built here (random weights, the embedded model's
+architecture): loss falls per adapter, checkpoints resume exactly, saved adapters reload into a fresh
+pipeline, interpolation endpoints are exact, bad input is refused clearly, 2-process accelerate works."""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import boftvision as bv
+from boftvision.data.shapes import INSTANCE_PROMPT, WORDS, instance_images
+from boftvision.generate import interpolation_path, set_identity_components
+from boftvision.integrations.diffusers import (
+    TEXT_ENCODER_PRESETS, UNET_PRESETS, attach_adapters, load_pipeline, pipeline_from_components, tiny_components,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train_scripts"))
+import train_dreambooth_boft  # noqa: E402
+
+SIZES = ["--boft_block_size", "4", "--oft_block_size", "8", "--vblora_vector_length", "8",
+         "--vblora_num_vectors", "32"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dreambooth")
+    pipeline_from_components(tiny_components(WORDS, seed=0)).save_pretrained(str(root / "model"))
+    (root / "instance").mkdir()
+    for i, image in enumerate(instance_images(3, 32)):
+        image.save(root / "instance" / f"{i}.png")
+    return root
+
+
+def args(root, out, *extra):
+    return ["--pretrained_model_name_or_path", str(root / "model"), "--instance_data_dir", str(root / "instance"),
+            "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out), "--learning_rate", "1e-2",
+            "--train_batch_size", "3", "--seed", "0", *SIZES, *extra]
+
+
+def unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    context = torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), context).sample
+
+
+@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora"])
+def test_dreambooth_loss_falls_and_adapter_reloads(setup, tmp_path, adapter):
+    result = train_dreambooth_boft.main(args(setup, tmp_path, "--adapter", adapter, "--max_train_steps", "20",
+                                             "--checkpointing_steps", "20"))
+    losses = result["losses"]
+    assert len(losses) == 20 and statistics.mean(losses[-5:]) < 0.95 * statistics.mean(losses[:5])
+    assert (tmp_path / "checkpoint-20" / "training_state.pt").is_file()
+    assert (tmp_path / "unet" / "adapter_model.safetensors").is_file()
+    # the saved adapter in a fresh pipeline == the checkpoint's trained parameters in another one
+    fresh = load_pipeline(setup / "model")
+    attach_adapters(fresh, tmp_path)
+    trained = load_pipeline(setup / "model")
+    config = bv.config_from_dict(json.loads((tmp_path / "unet" / "adapter_config.json").read_text()))
+    bv.add_adapter(trained.unet, config)
+    state = torch.load(tmp_path / "checkpoint-20" / "training_state.pt", weights_only=False)["trainable"]
+    params = dict(trained.unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name.removeprefix("unet.")].copy_(value)
+    base = unet_output(load_pipeline(setup / "model").unet)
+    out = unet_output(fresh.unet)
+    torch.testing.assert_close(out, unet_output(trained.unet), atol=1e-5, rtol=1e-5)
+    assert (out - base).abs().max() > 1e-3  # training changed the model
+
+
+def test_resume_from_latest_continues_exactly(setup, tmp_path):
+    full = train_dreambooth_boft.main(args(setup, tmp_path / "full", "--max_train_steps", "12",
+                                           "--checkpointing_steps", "4", "--train_text_encoder"))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full" / "checkpoint-8", cut / "checkpoint-8")
+    resumed = train_dreambooth_boft.main(args(setup, cut, "--max_train_steps", "12", "--checkpointing_steps", "4",
+                                              "--train_text_encoder", "--resume_from_checkpoint", "latest"))
+    assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    for part in ("unet", "text_encoder"):
+        a = bv.io.read_adapter(tmp_path / "full" / part)[1]
+        b = bv.io.read_adapter(cut / part)[1]
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+        config = json.loads((cut / part / "adapter_config.json").read_text())
+        assert config["peft_type"] == "BOFT"
+
+
+def test_bf16_mixed_precision_keeps_adapters_fp32(setup, tmp_path):
+    result = train_dreambooth_boft.main(args(setup, tmp_path, "--max_train_steps", "3", "--mixed_precision", "bf16",
+                                             "--checkpointing_steps", "100", "--train_text_encoder"))
+    assert result["steps"] == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    for part in ("unet", "text_encoder"):
+        assert {t.dtype for t in bv.io.read_adapter(tmp_path / part)[1].values()} == {torch.float32}
+
+
+def test_prior_preservation_generates_class_images_and_validates(setup, tmp_path):
+    result = train_dreambooth_boft.main(args(
+        setup, tmp_path / "out", "--max_train_steps", "2", "--with_prior_preservation", "--class_data_dir",
+        str(tmp_path / "class"), "--class_prompt", "a photo of a shape", "--num_class_images", "3",
+        "--num_inference_steps", "2", "--validation_prompt", INSTANCE_PROMPT, "--validation_steps", "1",
+        "--num_validation_images", "2"))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 3
+    assert result["steps"] == 2 and len(result["validation"]) == 3  # steps 1, 2 and the final one
+    assert all(Path(p).is_file() for p in result["validation"])
+
+
+def test_interpolation_endpoints_are_exact(setup):
+    pipe = load_pipeline(setup / "model")
+    torch.manual_seed(0)
+    config = bv.BOFTConfig(block_size=4, n_butterfly_factor=2, target_modules=UNET_PRESETS["attention"],
+                           init_weights=False)
+    base = unet_output(pipe.unet)
+    bv.add_adapter(pipe.unet, config)
+    tuned = unet_output(pipe.unet)
+    set_identity_components(pipe, 2, reset_scale=True)
+    torch.testing.assert_close(unet_output(pipe.unet), base, atol=0, rtol=0)
+    set_identity_components(pipe, 1)
+    middle = unet_output(pipe.unet)
+    set_identity_components(pipe, 0)
+    torch.testing.assert_close(unet_output(pipe.unet), tuned, atol=0, rtol=0)
+    assert (middle - tuned).abs().max() > 1e-4 and (middle - base).abs().max() > 1e-4
+    path = interpolation_path(pipe, INSTANCE_PROMPT, seed=0, steps=2)
+    assert [label for label, _ in path] == ["fine-tuned", "1/2 -> I", "2/2 -> I", "base"]
+
+
+def test_bad_input(setup, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no images"):
+        train_dreambooth_boft.main(args(setup, tmp_path / "o", "--instance_data_dir", str(tmp_path / "empty")))
+    tokenizer = load_pipeline(setup / "model").tokenizer
+    long_prompt = " ".join(["a photo of a red circle"] * 5)
+    with pytest.warns(UserWarning, match="truncated"):
+        ids = train_dreambooth_boft.tokenize(tokenizer, long_prompt)
+    assert ids.shape == (tokenizer.model_max_length,)
+    # an adapter made for another model: the error names the module and both shapes
+    unet = load_pipeline(setup / "model").unet
+    other = type(unet).from_config({**unet.config, "block_out_channels": (48, 96)})
+    bv.add_adapter(other, bv.LoRAConfig(r=4, target_modules=UNET_PRESETS["attention"]))
+    bv.save_adapter(other, tmp_path / "foreign" / "unet")
+    with pytest.raises(ValueError, match=r"attn1\.to_.* has shape \(4, 48\) in the file but \(4, 32\) here"):
+        attach_adapters(load_pipeline(setup / "model"), tmp_path / "foreign")
+    with pytest.raises(FileNotFoundError, match="unet/adapter_config.json"):
+        attach_adapters(load_pipeline(setup / "model"), tmp_path / "empty")
+    assert TEXT_ENCODER_PRESETS["qv"] == ["q_proj", "v_proj"]
+
+
+def test_accelerate_launch_two_processes(setup, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "train_scripts" / "train_dreambooth_boft.py"),
+               *args(setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "unet" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,347 @@
+"""DreamBooth for Stable Diffusion with BOFT (or OFT, LoRA, VB-LoRA) adapters on the UNet and,
+optionally, the text encoder.
+
+    accelerate launch train_scripts/train_dreambooth_boft.py \
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --instance_data_dir dog --instance_prompt "a photo of sks dog" \
+        --with_prior_preservation --class_data_dir dog-class --class_prompt "a photo of dog" \
+        --num_class_images 200 --train_text_encoder --resolution 512 --train_batch_size 1 \
+        --learning_rate 3e-5 --max_train_steps 1000 --adapter boft --boft_block_size 8 \
+        --boft_n_butterfly_factor 2 --mixed_precision fp16 --output_dir outputs/sks-dog
+
+Without ``--pretrained_model_name_or_path`` the embedded tiny pipeline is used (see the README).
+The recipe of PEFT's BOFT DreamBooth example: UNet attention projections, text-encoder q/v, prior
+preservation with 200 class images, lr 3e-5, ~1000 steps, batch 1, 512 px.
+
+Adapter parameters stay fp32 under fp16/bf16 mixed precision (the base weights are cast, the adapters
+added afterwards). Checkpoints (``--checkpointing_steps``) hold the adapters, optimizer, scheduler, step
+and RNG; ``--resume_from_checkpoint latest`` continues from the newest one. Output: ``unet/`` and
+``text_encoder/`` adapters in PEFT's layout, ``results.json``, ``validation/step-N.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import boftvision as bv
+from boftvision.integrations.diffusers import EMBEDDED, TEXT_ENCODER_PRESETS, UNET_PRESETS, image_grid, load_pipeline
+from boftvision.training import (
+    add_adapter_arguments, adapter_config_from_args, list_checkpoints, load_checkpoint, make_optimizer,
+    resolve_checkpoint, save_checkpoint,
+)
+
+logger = get_logger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED))
+    p.add_argument("--instance_data_dir", required=True)
+    p.add_argument("--instance_prompt", required=True)
+    p.add_argument("--with_prior_preservation", action="store_true")
+    p.add_argument("--class_data_dir")
+    p.add_argument("--class_prompt")
+    p.add_argument("--num_class_images", type=int, default=100)
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class-image generation")
+    p.add_argument("--train_text_encoder", action="store_true")
+    p.add_argument("--unet_targets", choices=sorted(UNET_PRESETS), default="attention")
+    p.add_argument("--text_encoder_targets", choices=sorted(TEXT_ENCODER_PRESETS), default="qv")
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--learning_rate", type=float, default=3e-5)
+    p.add_argument("--lr_scheduler", default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                            "polynomial"])
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--weight_decay", type=float, default=1e-2)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: accelerate's configuration")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--validation_prompt")
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, … (accelerate trackers)")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_adapter_arguments(p, defaults={"boft_dropout": 0.1})
+    args = p.parse_args(argv)
+    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
+        p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    return args
+
+
+# --- data ----------------------------------------------------------------------------------------
+def list_images(folder: str | Path, what: str) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {folder} does not exist")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put the "
+                         "subject's photos there")
+    return images
+
+
+def tokenize(tokenizer, prompt: str) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length; a longer prompt is truncated with a warning."""
+    full = tokenizer(prompt).input_ids
+    if len(full) > tokenizer.model_max_length:
+        kept = tokenizer.decode(full[1:tokenizer.model_max_length - 1])
+        warnings.warn(f"prompt {prompt!r} has {len(full)} tokens, more than the text encoder's "
+                      f"{tokenizer.model_max_length}; it is truncated to {kept!r}", stacklevel=2)
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids[0]
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images with the instance prompt (+ class images with the class prompt), resized to
+    ``size``, center- or randomly cropped, flipped at random, scaled to [−1, 1]."""
+
+    def __init__(self, instance_dir, instance_prompt, tokenizer, size, center_crop=False,
+                 class_dir=None, class_prompt=None):
+        self.instances = list_images(instance_dir, "--instance_data_dir")
+        self.classes = list_images(class_dir, "--class_data_dir") if class_dir else []
+        self.size, self.center_crop = size, center_crop
+        self.instance_ids = tokenize(tokenizer, instance_prompt)
+        self.class_ids = tokenize(tokenizer, class_prompt) if class_dir else None
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def load(self, path: Path) -> torch.Tensor:
+        image = Image.open(path).convert("RGB")
+        scale = self.size / min(image.size)
+        image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))),
+                             Image.BILINEAR)
+        if self.center_crop:
+            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        else:
+            left = int(torch.randint(0, image.width - self.size + 1, ()))
+            top = int(torch.randint(0, image.height - self.size + 1, ()))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        if torch.rand(()) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"pixels": self.load(self.instances[i % len(self.instances)]), "ids": self.instance_ids}
+        if self.classes:
+            item |= {"class_pixels": self.load(self.classes[i % len(self.classes)]), "class_ids": self.class_ids}
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Instance examples first, class examples second, in one batch (the loss splits it in halves)."""
+    pixels, ids = [i["pixels"] for i in items], [i["ids"] for i in items]
+    if "class_pixels" in items[0]:
+        pixels += [i["class_pixels"] for i in items]
+        ids += [i["class_ids"] for i in items]
+    return {"pixels": torch.stack(pixels), "ids": torch.stack(ids)}
+
+
+@torch.no_grad()
+def generate_class_images(args, accelerator: Accelerator) -> None:
+    """Fill --class_data_dir up to --num_class_images with the base model's images of --class_prompt."""
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
+    missing = args.num_class_images - have
+    if missing <= 0 or not accelerator.is_main_process:
+        return
+    pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device,
+                         dtype=torch.float16 if accelerator.device.type == "cuda" else torch.float32)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
+        n = min(args.sample_batch_size, missing - start)
+        images = pipe([args.class_prompt] * n, num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, generator=generator).images
+        for k, image in enumerate(images):
+            image.save(folder / f"class-{have + start + k:05d}.png")
+    del pipe
+    free_memory()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- validation ------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(args, accelerator, pipe, unet, text_encoder, step: int) -> Path:
+    """Images of --validation_prompt from the modules being trained (no copies), saved as one grid."""
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    modes = unet.training, text_encoder.training
+    unet.eval(), text_encoder.eval()
+    pipe.unet, pipe.text_encoder = unet, text_encoder
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    with accelerator.autocast():
+        images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
+                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale).images
+    unet.train(modes[0]), text_encoder.train(modes[1])
+    path = Path(args.output_dir) / "validation" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=len(images)).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    free_memory()
+    return path
+
+
+# --- training --------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(args.seed)
+    list_images(args.instance_data_dir, "--instance_data_dir")  # fail before any model is loaded
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator)
+        accelerator.wait_for_everyone()
+
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (vae, text_encoder, unet):  # base weights frozen and cast before the adapters exist
+        module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets]))
+    if args.train_text_encoder:
+        bv.add_adapter(text_encoder, adapter_config_from_args(args, TEXT_ENCODER_PRESETS[args.text_encoder_targets]))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    trained = nn.ModuleDict({"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})})
+    counts = bv.count_parameters(trained)
+
+    size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, size, args.center_crop,
+                                args.class_data_dir if args.with_prior_preservation else None, args.class_prompt)
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=args.dataloader_num_workers)  # file order: a resumed run sees the same batches
+    optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+
+    step, losses = 0, []
+    checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler)
+        step, losses = state["step"], state.get("losses", [])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-boft", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    logger.info(f"{len(dataset)} examples, {args.max_train_steps} steps, adapter {args.adapter}: "
+                f"{counts.trainable:,} trainable parameters", main_process_only=True)
+    bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    start, validations = time.time(), []
+    unet.train()
+    text_encoder.train(args.train_text_encoder)
+    while step < args.max_train_steps:
+        epoch_loader = loader
+        skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
+        if skip:  # resumed mid-epoch: continue where the interrupted epoch was
+            epoch_loader = accelerator.skip_first_batches(loader, skip)
+        for batch in epoch_loader:
+            with accelerator.accumulate(*models):
+                pixels = batch["pixels"].to(dtype=weight_dtype)
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device)
+                noisy = noise_scheduler.add_noise(latents, noise, t)
+                context = text_encoder(batch["ids"])[0]
+                pred = unet(noisy, t, context).sample.float()
+                target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                    noise_scheduler.get_velocity(latents, noise, t)
+                if args.with_prior_preservation:
+                    pred, prior_pred = pred.chunk(2)
+                    target, prior_target = target.float().chunk(2)
+                    loss = F.mse_loss(pred, target) + args.prior_loss_weight * F.mse_loss(prior_pred, prior_target)
+                else:
+                    loss = F.mse_loss(pred, target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(out, trained, optimizer, lr_scheduler, step, {"losses": losses},
+                                keep=args.checkpoints_total_limit)
+            if args.validation_prompt and step % args.validation_steps == 0 and accelerator.is_main_process:
+                validations.append(str(validate(args, accelerator, pipe, unet, text_encoder, step)))
+            if step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    result = {"steps": step, "losses": losses, "adapter": args.adapter, "trainable_parameters": counts.trainable,
+              "stored_parameters": counts.stored, "seconds": round(time.time() - start, 1),
+              "checkpoints": [p.name for p in list_checkpoints(out)], "validation": validations}
+    if accelerator.is_main_process:
+        bv.save_adapter(accelerator.unwrap_model(unet), out / "unet")
+        if args.train_text_encoder:
+            bv.save_adapter(accelerator.unwrap_model(text_encoder), out / "text_encoder")
+        if args.validation_prompt:
+            result["validation"].append(str(validate(args, accelerator, pipe, unet, text_encoder, step)))
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()
