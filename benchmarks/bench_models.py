@@ -223,7 +223,8 @@ def main() -> None:
             base = model.to(device, dtype).requires_grad_(False).train()
             frozen, frozen_peak = time_steps(base, inputs, loss_fn, device, dtype, args.iters, args.warmup)
             rows = [("frozen base", frozen, frozen_peak)]
-            builders = {k: (lambda c=c: bv.add_adapter(copy.deepcopy(base), c)) for k, c in our_configs(targets, vector_length(base, targets)).items()}
+            configs = our_configs(targets, vector_length(base, targets))
+            builders = {k: (lambda c=c: bv.add_adapter(copy.deepcopy(base), c)) for k, c in configs.items()}
             if not args.no_peft:
                 import peft
 

@@ -6,7 +6,9 @@
 ``--model`` defaults to the embedded tiny pipeline. With ``--interpolate`` (a BOFT/OFT adapter) the grid
 holds, left to right, the fine-tuned model and then 1, …, m butterfly components set to identity, and
 last the base model (all components identity and the output scale reset); every image starts from the
-same initial noise, so only the adapter changes along the row.
+same initial noise, so only the adapter changes along the row. With ``--control IMAGE`` (an adapter
+from train_controlnet_boft.py) the control image comes first and every image but the base one is
+generated under it (the paper's Fig. 10 path from control-following to the unconditioned model).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .inject import adapter_configs, disable_adapter
-from .integrations.diffusers import EMBEDDED, attach_adapters, image_grid, load_pipeline
+from .integrations.diffusers import EMBEDDED, ControlEncoder, attach_adapters, control_signal, image_grid, load_pipeline
 from .interpolate import butterfly_interpolation, num_butterfly_components
 
 
@@ -33,9 +35,27 @@ def initial_noise(pipe, seed: int, n: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5, n: int = 1):
-    return pipe([prompt] * n, latents=initial_noise(pipe, seed, n), num_inference_steps=steps,
-                guidance_scale=guidance_scale).images
+def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5, n: int = 1,
+             control: torch.Tensor | None = None):
+    """``n`` images from the seed's noise; ``control``: control-encoder features (see control_features)."""
+    with ExitStack() as stack:
+        if control is not None:
+            stack.enter_context(control_signal(pipe.unet, control))
+        return pipe([prompt] * n, latents=initial_noise(pipe, seed, n), num_inference_steps=steps,
+                    guidance_scale=guidance_scale).images
+
+
+@torch.no_grad()
+def control_features(pipe, adapter_dir, control_image) -> torch.Tensor:
+    """Features of a control image from the control encoder saved in ``adapter_dir``."""
+    from PIL import Image
+
+    from .data.controlnet import to_tensor
+
+    encoder = ControlEncoder.load(adapter_dir).to(pipe.device)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image = control_image if isinstance(control_image, Image.Image) else Image.open(control_image)
+    return encoder(to_tensor(image, size, signed=False)[None].to(pipe.device))
 
 
 def orthogonal_parts(pipe) -> list[torch.nn.Module]:
@@ -66,7 +86,8 @@ def set_identity_components(pipe, n_identity: int, reset_scale: bool = False) ->
 
 
 @torch.no_grad()
-def interpolation_path(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5):
+def interpolation_path(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5,
+                       control: torch.Tensor | None = None):
     """[(label, image)] from the fine-tuned model (0 components set to I) to the base model."""
     m = path_length(pipe)
     path = []
@@ -74,13 +95,13 @@ def interpolation_path(pipe, prompt: str, seed: int = 0, steps: int = 25, guidan
         for k in range(m + 1):
             set_identity_components(pipe, k)
             label = "fine-tuned" if k == 0 else f"{k}/{m} -> I"
-            path.append((label, generate(pipe, prompt, seed, steps, guidance_scale)[0]))
+            path.append((label, generate(pipe, prompt, seed, steps, guidance_scale, control=control)[0]))
     finally:
         set_identity_components(pipe, 0)
     with ExitStack() as stack:
         for part in adapted_parts(pipe):
             stack.enter_context(disable_adapter(part))
-        path.append(("base", generate(pipe, prompt, seed, steps, guidance_scale)[0]))
+        path.append(("base", generate(pipe, prompt, seed, steps, guidance_scale)[0]))  # no control either
     return path
 
 
@@ -107,6 +128,7 @@ def main(argv=None) -> Path:
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--num_images", type=int, default=4, help="without --interpolate")
     p.add_argument("--interpolate", action="store_true")
+    p.add_argument("--control", help="control image (needs an --adapter dir from train_controlnet_boft.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="generated.png")
     args = p.parse_args(argv)
@@ -116,11 +138,22 @@ def main(argv=None) -> Path:
         attach_adapters(pipe, args.adapter)
     elif args.interpolate:
         p.error("--interpolate needs --adapter")
+    control = None
+    if args.control:
+        if not args.adapter:
+            p.error("--control needs --adapter (the output_dir of train_controlnet_boft.py)")
+        control = control_features(pipe, args.adapter, args.control)
     if args.interpolate:
-        grid = labelled_grid(interpolation_path(pipe, args.prompt, args.seed, args.steps, args.guidance_scale))
+        path = interpolation_path(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, control)
+        if args.control:
+            from PIL import Image
+
+            size = path[0][1].size
+            path.insert(0, ("control", Image.open(args.control).convert("RGB").resize(size)))
+        grid = labelled_grid(path)
     else:
-        grid = image_grid(generate(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, args.num_images),
-                          cols=args.num_images)
+        grid = image_grid(generate(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, args.num_images,
+                                   control), cols=args.num_images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

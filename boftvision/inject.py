@@ -9,7 +9,6 @@ import re
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from .adapters import ADAPTER_CLASSES, AdaptedLayer, LayerShape, VBLoRA, new_vector_bank

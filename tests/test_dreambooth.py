@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import boftvision as bv
+from boftvision.data.dreambooth import tokenize
 from boftvision.data.shapes import INSTANCE_PROMPT, WORDS, instance_images
 from boftvision.generate import interpolation_path, set_identity_components
 from boftvision.integrations.diffusers import (
@@ -139,7 +140,7 @@ def test_bad_input(setup, tmp_path):
     tokenizer = load_pipeline(setup / "model").tokenizer
     long_prompt = " ".join(["a photo of a red circle"] * 5)
     with pytest.warns(UserWarning, match="truncated"):
-        ids = train_dreambooth_boft.tokenize(tokenizer, long_prompt)
+        ids = tokenize(tokenizer, long_prompt)
     assert ids.shape == (tokenizer.model_max_length,)
     # an adapter made for another model: the error names the module and both shapes
     unet = load_pipeline(setup / "model").unet

@@ -25,29 +25,26 @@ import gc
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import boftvision as bv
-from boftvision.integrations.diffusers import EMBEDDED, TEXT_ENCODER_PRESETS, UNET_PRESETS, image_grid, load_pipeline
+from boftvision.data.dreambooth import IMAGE_SUFFIXES, DreamBoothDataset, collate, list_images
+from boftvision.integrations.diffusers import EMBEDDED, TEXT_ENCODER_PRESETS, UNET_PRESETS, denoising_loss, image_grid, load_pipeline
 from boftvision.training import (
     add_adapter_arguments, adapter_config_from_args, list_checkpoints, load_checkpoint, make_optimizer,
     resolve_checkpoint, save_checkpoint,
 )
 
 logger = get_logger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,75 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
     return args
-
-
-# --- data ----------------------------------------------------------------------------------------
-def list_images(folder: str | Path, what: str) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what} {folder} does not exist")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put the "
-                         "subject's photos there")
-    return images
-
-
-def tokenize(tokenizer, prompt: str) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length; a longer prompt is truncated with a warning."""
-    full = tokenizer(prompt).input_ids
-    if len(full) > tokenizer.model_max_length:
-        kept = tokenizer.decode(full[1:tokenizer.model_max_length - 1])
-        warnings.warn(f"prompt {prompt!r} has {len(full)} tokens, more than the text encoder's "
-                      f"{tokenizer.model_max_length}; it is truncated to {kept!r}", stacklevel=2)
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids[0]
-
-
-class DreamBoothDataset(Dataset):
-    """Instance images with the instance prompt (+ class images with the class prompt), resized to
-    ``size``, center- or randomly cropped, flipped at random, scaled to [−1, 1]."""
-
-    def __init__(self, instance_dir, instance_prompt, tokenizer, size, center_crop=False,
-                 class_dir=None, class_prompt=None):
-        self.instances = list_images(instance_dir, "--instance_data_dir")
-        self.classes = list_images(class_dir, "--class_data_dir") if class_dir else []
-        self.size, self.center_crop = size, center_crop
-        self.instance_ids = tokenize(tokenizer, instance_prompt)
-        self.class_ids = tokenize(tokenizer, class_prompt) if class_dir else None
-
-    def __len__(self) -> int:
-        return max(len(self.instances), len(self.classes))
-
-    def load(self, path: Path) -> torch.Tensor:
-        image = Image.open(path).convert("RGB")
-        scale = self.size / min(image.size)
-        image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))),
-                             Image.BILINEAR)
-        if self.center_crop:
-            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-        else:
-            left = int(torch.randint(0, image.width - self.size + 1, ()))
-            top = int(torch.randint(0, image.height - self.size + 1, ()))
-        image = image.crop((left, top, left + self.size, top + self.size))
-        if torch.rand(()) < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {"pixels": self.load(self.instances[i % len(self.instances)]), "ids": self.instance_ids}
-        if self.classes:
-            item |= {"class_pixels": self.load(self.classes[i % len(self.classes)]), "class_ids": self.class_ids}
-        return item
-
-
-def collate(items: list[dict]) -> dict:
-    """Instance examples first, class examples second, in one batch (the loss splits it in halves)."""
-    pixels, ids = [i["pixels"] for i in items], [i["ids"] for i in items]
-    if "class_pixels" in items[0]:
-        pixels += [i["class_pixels"] for i in items]
-        ids += [i["class_ids"] for i in items]
-    return {"pixels": torch.stack(pixels), "ids": torch.stack(ids)}
 
 
 @torch.no_grad()
@@ -290,23 +218,13 @@ def main(argv=None) -> dict:
             epoch_loader = accelerator.skip_first_batches(loader, skip)
         for batch in epoch_loader:
             with accelerator.accumulate(*models):
-                pixels = batch["pixels"].to(dtype=weight_dtype)
-                with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device)
-                noisy = noise_scheduler.add_noise(latents, noise, t)
-                context = text_encoder(batch["ids"])[0]
-                pred = unet(noisy, t, context).sample.float()
-                target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                    noise_scheduler.get_velocity(latents, noise, t)
-                if args.with_prior_preservation:
-                    pred, prior_pred = pred.chunk(2)
-                    target, prior_target = target.float().chunk(2)
-                    loss = F.mse_loss(pred, target) + args.prior_loss_weight * F.mse_loss(prior_pred, prior_target)
+                losses_per_example = denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"],
+                                                    batch["ids"], weight_dtype)
+                if args.with_prior_preservation:  # instance half, class half
+                    instance, prior = losses_per_example.chunk(2)
+                    loss = instance.mean() + args.prior_loss_weight * prior.mean()
                 else:
-                    loss = F.mse_loss(pred, target.float())
+                    loss = losses_per_example.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], args.max_grad_norm)

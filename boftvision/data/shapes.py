@@ -65,3 +65,31 @@ def instance_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     """The DreamBooth subject ("sks shape"): a yellow ring with purple stripes, n views."""
     rng = np.random.default_rng(seed)
     return [render("ring", (250, 210, 40), size, rng, stripes=True) for _ in range(n)]
+
+
+def position_map(size: int, cx: float, cy: float, r: float) -> Image.Image:
+    """The control signal of the shape-position task: a white disk where the object must be, on black."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= r ** 2
+    return Image.fromarray((disk * 255).astype(np.uint8)).convert("RGB")
+
+
+def control_example(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image.Image, str]:
+    """(image, position map, caption): a coloured shape anywhere in the frame (not only near the
+    centre, where the base model puts it) and the disk marking its place."""
+    kind = SHAPES[rng.integers(len(SHAPES))]
+    name = list(COLOURS)[rng.integers(len(COLOURS))]
+    r = rng.uniform(0.2, 0.26) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = BACKGROUND
+    image[_mask(kind, size, cx, cy, r)] = COLOURS[name]
+    image += rng.normal(0, 4, image.shape)
+    picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    return picture, position_map(size, cx, cy, r), f"a photo of a {name} {kind}"
+
+
+def foreground(image: Image.Image, threshold: float = 60.0) -> np.ndarray:
+    """Pixels that are not the light background (the shape), as a boolean mask."""
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    return np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > threshold

@@ -29,7 +29,8 @@ TEXT_ENCODER_PRESETS = {
     "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
-EMBEDDED_ADAPTER = EMBEDDED.parent / "tiny-sd-sks-boft"  # DreamBooth BOFT adapter made by `make all`
+EMBEDDED_ADAPTER = EMBEDDED.parent / "tiny-sd-sks-boft"  # bundled DreamBooth BOFT adapter (`make all` remakes it)
+EMBEDDED_CONTROL = EMBEDDED.parent / "tiny-sd-position-boft"  # bundled shape-position control (`make control-demo`)
 
 
 def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -72,6 +73,107 @@ def export_merged(pipe, out_dir: str | Path) -> None:
     for part in ("unet", "text_encoder"):
         setattr(pipe, part, merge_and_unload(getattr(pipe, part)))
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tensor, ids: torch.Tensor,
+                   dtype: torch.dtype, control: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example MSE of the UNet's noise (or v) prediction at random timesteps: the training loss of
+    DreamBooth and of the control script. ``control``: features added after ``conv_in``."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    context = text_encoder(ids)[0]
+    if control is None:
+        pred = unet(noisy, t, context).sample
+    else:
+        with control_signal(unet, control):
+            pred = unet(noisy, t, context).sample
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+        noise_scheduler.get_velocity(latents, noise, t)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+# --- control signals (ControlNet-style, BOFT paper §5) -------------------------------------------
+class ControlEncoder(torch.nn.Module):
+    """The light control-signal encoder: conv + SiLU stages, each stage a 3×3 conv then a stride-2
+    3×3 conv, down to the latent resolution, then a zero-initialised conv to the UNet's first feature
+    width (``conv_in``'s output). Its output is added to ``conv_in``'s output, so at initialisation the
+    UNet is unchanged; 8 convolutions for SD's ×8 VAE (PEFT's BOFT ControlNet example), 4 for ×2."""
+
+    def __init__(self, out_channels: int, downsamples: int, in_channels: int = 3,
+                 channels: tuple[int, ...] = (16, 32, 96, 256)):
+        super().__init__()
+        widths = channels[:downsamples + 1]
+        if len(widths) != downsamples + 1:
+            raise ValueError(f"{downsamples} downsamplings need {downsamples + 1} channel widths, got {channels}")
+        self.config = {"out_channels": out_channels, "downsamples": downsamples, "in_channels": in_channels,
+                       "channels": list(channels)}
+        layers = [torch.nn.Conv2d(in_channels, widths[0], 3, padding=1), torch.nn.SiLU()]
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [torch.nn.Conv2d(a, a, 3, padding=1), torch.nn.SiLU(),
+                       torch.nn.Conv2d(a, b, 3, padding=1, stride=2), torch.nn.SiLU()]
+        self.body = torch.nn.Sequential(*layers)
+        self.out = torch.nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, control: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(control))
+
+    @classmethod
+    def for_unet(cls, unet, vae_scale_factor: int) -> "ControlEncoder":
+        import math
+
+        return cls(unet.config.block_out_channels[0], int(math.log2(vae_scale_factor)))
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  folder / "control_encoder.safetensors")
+        (folder / "control_encoder.json").write_text(json.dumps(self.config, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ControlEncoder":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "control_encoder.json").is_file():
+            raise FileNotFoundError(f"{folder} has no control_encoder.json: give the output_dir of "
+                                    "train_controlnet_boft.py")
+        encoder = cls(**json.loads((folder / "control_encoder.json").read_text()))
+        encoder.load_state_dict(load_file(folder / "control_encoder.safetensors"))
+        return encoder
+
+
+class control_signal:  # noqa: N801 (a context manager, used like a function)
+    """``with control_signal(unet, features): unet(...)`` adds ``features`` (B, C, h, w) to the output of
+    ``unet.conv_in`` on every call inside the block, repeated over the batch when the pipeline doubles
+    it for classifier-free guidance. Where the features enter: after the UNet's first convolution, the
+    point ControlNet's own hint enters its copy of the encoder — the cheapest place that every later
+    block (and every adapted attention layer) sees."""
+
+    def __init__(self, unet, features: torch.Tensor):
+        self.unet, self.features, self.handle = unet, features, None
+
+    def _add(self, module, args, output):
+        features = self.features.to(output.dtype)
+        if output.shape[0] != features.shape[0]:
+            features = features.repeat(output.shape[0] // features.shape[0], 1, 1, 1)
+        return output + features
+
+    def __enter__(self):
+        self.handle = self.unet.conv_in.register_forward_hook(self._add)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 # --- the embedded tiny pipeline's architecture ---------------------------------------------------

@@ -1,0 +1,226 @@
+"""Controllable generation (ControlNet-style) with BOFT: a light control encoder whose features are
+added after the UNet's first convolution, trained together with an orthogonal (or any) adapter on the
+UNet's attention — instead of a full ControlNet copy of the encoder (BOFT paper §5, after OFT).
+
+    accelerate launch train_scripts/train_controlnet_boft.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base --train_data_dir celeba-landmarks \
+        --adapter boft --boft_block_size 8 --boft_n_butterfly_factor 2 --learning_rate 1e-5 \
+        --resolution 512 --max_train_steps 20000 --mixed_precision fp16 --output_dir outputs/control
+
+Data: a folder with ``metadata.jsonl`` (``image``, ``conditioning_image``, ``text`` per line; column
+names configurable) as diffusers' ControlNet example lays it out, or ``--dataset_name`` (needs the
+``datasets`` package and the network). Output: ``unet/`` adapter (PEFT layout), ``control_encoder.*``,
+``results.json``, ``validation/step-N.png`` (control image beside each output). Without
+``--pretrained_model_name_or_path`` the embedded tiny pipeline is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import boftvision as bv
+from boftvision.data.controlnet import ControlDataset, to_tensor
+from boftvision.integrations.diffusers import (
+    EMBEDDED, UNET_PRESETS, ControlEncoder, control_signal, denoising_loss, image_grid, load_pipeline,
+)
+from boftvision.training import (
+    add_adapter_arguments, adapter_config_from_args, list_checkpoints, load_checkpoint, make_optimizer,
+    resolve_checkpoint, save_checkpoint,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED))
+    p.add_argument("--train_data_dir", help="folder with metadata.jsonl")
+    p.add_argument("--dataset_name", help="a datasets hub name (online), e.g. oftverse/control-celeba-hq")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--conditioning_image_column", default="conditioning_image")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--unet_targets", choices=sorted(UNET_PRESETS), default="attention")
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--train_batch_size", type=int, default=4)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--encoder_learning_rate", type=float, default=None, help="default: --learning_rate")
+    p.add_argument("--weight_decay", type=float, default=1e-2)
+    p.add_argument("--lr_scheduler", default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--validation_image", nargs="*", default=[])
+    p.add_argument("--validation_prompt", nargs="*", default=[])
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--report_to", default="none")
+    add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
+    args = p.parse_args(argv)
+    if not (args.train_data_dir or args.dataset_name):
+        p.error("give --train_data_dir (a folder with metadata.jsonl) or --dataset_name")
+    if len(args.validation_image) != len(args.validation_prompt):
+        p.error("--validation_image and --validation_prompt need the same number of entries")
+    return args
+
+
+def load_data(args, tokenizer, size: int):
+    if args.train_data_dir:
+        return ControlDataset(args.train_data_dir, tokenizer, size, image_column=args.image_column,
+                              conditioning_image_column=args.conditioning_image_column,
+                              caption_column=args.caption_column)
+    from datasets import load_dataset  # online only
+
+    from boftvision.data.dreambooth import tokenize
+
+    rows = load_dataset(args.dataset_name, split="train")
+
+    class HubData(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            row = rows[i]
+            return {"pixels": to_tensor(row[args.image_column], size, True),
+                    "control": to_tensor(row[args.conditioning_image_column], size, False),
+                    "ids": tokenize(tokenizer, row[args.caption_column])}
+
+    return HubData()
+
+
+@torch.no_grad()
+def validate(args, accelerator, pipe, unet, encoder, size: int, step: int) -> Path:
+    """Each validation control image beside the image generated for it."""
+    unet, encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(encoder)
+    was_training = unet.training
+    unet.eval()
+    pipe.unet = unet
+    cells = []
+    for path, prompt in zip(args.validation_image, args.validation_prompt):
+        control = to_tensor(Image.open(path), size, signed=False)[None].to(accelerator.device)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        with control_signal(unet, encoder(control)), accelerator.autocast():
+            image = pipe(prompt, generator=generator, num_inference_steps=args.num_inference_steps,
+                         guidance_scale=args.guidance_scale).images[0]
+        cells += [Image.open(path).convert("RGB").resize(image.size), image]
+    unet.train(was_training)
+    out = Path(args.output_dir) / "validation" / f"step-{step}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(cells, cols=2).save(out)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(args.seed)
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    dataset = load_data(args, tokenizer, size)  # bad data fails before training starts
+
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    if args.adapter != "none":
+        bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets]))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    encoder = ControlEncoder.for_unet(unet, pipe.vae_scale_factor).to(accelerator.device)  # fp32, trained
+    trained = nn.ModuleDict({"unet": unet, "control_encoder": encoder})
+    counts = bv.count_parameters(trained)
+
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False)  # file order: exact resume
+    optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
+    if args.encoder_learning_rate:
+        encoder_params = {id(p) for p in encoder.parameters()}
+        for group in optimizer.param_groups:
+            if all(id(p) in encoder_params for p in group["params"]):
+                group["lr"] = args.encoder_learning_rate
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(unet, encoder, optimizer, loader, lr_scheduler)
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+
+    step, losses = 0, []
+    checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler)
+        step, losses = state["step"], state.get("losses", [])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("control-boft", config={k: v for k, v in vars(args).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+    bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    start, validations = time.time(), []
+    unet.train()
+    while step < args.max_train_steps:
+        skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            with accelerator.accumulate(unet, encoder):
+                features = encoder(batch["control"].float())
+                loss = denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"], batch["ids"],
+                                      weight_dtype, control=features).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(out, trained, optimizer, lr_scheduler, step, {"losses": losses},
+                                keep=args.checkpoints_total_limit)
+            if args.validation_image and step % args.validation_steps == 0 and accelerator.is_main_process:
+                validations.append(str(validate(args, accelerator, pipe, unet, encoder, size, step)))
+            if step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    result = {"steps": step, "losses": losses, "adapter": args.adapter, "trainable_parameters": counts.trainable,
+              "seconds": round(time.time() - start, 1), "checkpoints": [p.name for p in list_checkpoints(out)],
+              "validation": validations}
+    if accelerator.is_main_process:
+        if args.adapter != "none":
+            bv.save_adapter(accelerator.unwrap_model(unet), out / "unet")
+        accelerator.unwrap_model(encoder).save(out)
+        if args.validation_image:
+            result["validation"].append(str(validate(args, accelerator, pipe, unet, encoder, size, step)))
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()
