@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DB_LR ?= 1e-3
 DB_STEPS ?= 400
+DB_TARGETS ?= attention
 
-.PHONY: all setup browser demo core-demo tiny-sd test test-all bench expressiveness clean
+.PHONY: all setup browser demo control-demo core-demo tiny-sd test test-all bench expressiveness clean
 
 all: setup demo
 
@@ -34,12 +35,16 @@ demo:
 	$(BIN)/python train_scripts/train_dreambooth_boft.py \
 		--instance_data_dir boftvision/assets/sks-instance --instance_prompt "a photo of sks shape" \
 		--with_prior_preservation --class_data_dir $(SKS)/class --class_prompt "a photo of a shape" \
-		--num_class_images 20 --train_text_encoder --adapter boft --boft_block_size 8 \
+		--num_class_images 20 --train_text_encoder --unet_targets $(DB_TARGETS) --adapter boft --boft_block_size 8 \
 		--boft_n_butterfly_factor 2 --learning_rate $(DB_LR) --max_train_steps $(DB_STEPS) \
 		--checkpointing_steps 100 --validation_prompt "a photo of sks shape" --validation_steps 100 \
-		--num_validation_images 4 --output_dir $(SKS) --resume_from_checkpoint latest
-	$(BIN)/python -m boftvision.generate --adapter $(SKS) --prompt "a photo of sks shape" --interpolate \
+		--num_validation_images 4 --guidance_scale 4 --output_dir $(SKS) --resume_from_checkpoint latest
+	$(BIN)/python -m boftvision.generate --adapter $(SKS) --prompt "a photo of sks shape" --interpolate --guidance_scale 4 \
 		--out $(SKS)/interpolation.png
+
+# controllable generation on the embedded model: shape-position control, error vs base, grid
+control-demo:
+	$(BIN)/python demos/control_demo.py --output_dir outputs/tiny-position
 
 # what `make all` ran before the Stable Diffusion job: every adapter on a built-in task, one table
 core-demo:

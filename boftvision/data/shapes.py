@@ -3,7 +3,8 @@ is trained on, and the bundled DreamBooth subject it has never seen.
 
 Captions read ``"a photo of a red circle"``; one in four is the class caption ``"a photo of a shape"``
 (so the class prompt of DreamBooth's prior preservation means "some shape"). The DreamBooth subject,
-``"a photo of sks shape"``, is a striped ring: none of the base shapes, colours or textures.
+``"a photo of sks shape"``, is a red ring: a shape the base model never saw. (Its colour is a base one
+on purpose: the tiny VAE, trained on these four colours only, decodes a purple ring as a green one.)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (235, 235, 235)
+SUBJECT_COLOUR = (220, 40, 40)  # red, a base colour: the tiny VAE only reconstructs those
 WORDS = ["a", "photo", "of", "shape", "sks", "on", "the", "left", "right", *COLOURS, *SHAPES]
 INSTANCE_PROMPT = "a photo of sks shape"
 CLASS_PROMPT = "a photo of a shape"
@@ -62,9 +64,9 @@ def base_example(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
 
 
 def instance_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
-    """The DreamBooth subject ("sks shape"): a yellow ring with purple stripes, n views."""
+    """The DreamBooth subject ("sks shape"): a red ring, n views."""
     rng = np.random.default_rng(seed)
-    return [render("ring", (250, 210, 40), size, rng, stripes=True) for _ in range(n)]
+    return [render("ring", SUBJECT_COLOUR, size, rng) for _ in range(n)]
 
 
 def position_map(size: int, cx: float, cy: float, r: float) -> Image.Image:
