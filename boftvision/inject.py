@@ -93,6 +93,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     new = {}
     for layer_name, base in targets.items():
         adapter = adapter_cls(LayerShape(base, layer_name), config, base, **extra)
+        adapter.train(base.training)  # a model in eval mode gets adapters in eval mode (no dropout)
         new[layer_name] = adapter.to(device=base.weight.device)  # keeps Parameter objects (bank stays shared)
 
     for layer_name, adapter in new.items():

@@ -49,3 +49,13 @@ def net() -> TinyNet:
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(3, 5, 32, generator=g), torch.randn(2, 8, 6, 6, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Scripts run in-process create an Accelerator; its state is a process-wide singleton that would
+    carry one test's mixed precision into the next. Reset it after each test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -332,3 +332,12 @@ def test_compiled_model_equals_eager(net, inputs):
         grads.append([o.detach() for o in out] + [p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapters_follow_the_models_train_mode(net, method):
+    """An adapter added to (or loaded into) a model in eval mode is in eval mode: no dropout at inference."""
+    model = bv.add_adapter(net.eval(), CONFIGS[method](LINEAR))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -131,6 +131,7 @@ class AdaptedLayer(nn.Module):
         self.active: str | None = None
         self.disabled = False
         self.merged: str | None = None
+        self.train(base_layer.training)  # follow the model's mode (eval: no adapter dropout)
 
     def __getattr__(self, name: str):
         try:
