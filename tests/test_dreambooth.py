@@ -165,3 +165,23 @@ def test_accelerate_launch_two_processes(setup, tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "unet" / "adapter_model.safetensors").is_file()
+
+
+def test_export_merged_pipeline_equals_adapted_one(setup, tmp_path):
+    from boftvision.integrations.diffusers import export_merged
+
+    pipe = load_pipeline(setup / "model")
+    torch.manual_seed(1)
+    bv.add_adapter(pipe.unet, bv.BOFTConfig(block_size=4, n_butterfly_factor=2, init_weights=False,
+                                            target_modules=UNET_PRESETS["attention"]))
+    bv.add_adapter(pipe.text_encoder, bv.LoRAConfig(r=2, init_weights=False,
+                                                    target_modules=TEXT_ENCODER_PRESETS["qv"]))
+    ids = torch.tensor([[0, 5, 9, 2]])
+    with torch.no_grad():
+        expected = unet_output(pipe.unet), pipe.text_encoder(ids)[0]
+    export_merged(pipe, tmp_path / "merged")
+    merged = load_pipeline(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(unet_output(merged.unet), expected[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged.text_encoder(ids)[0], expected[1], atol=1e-4, rtol=1e-4)
+    assert not any("adapters" in name for name, _ in merged.unet.named_parameters())
