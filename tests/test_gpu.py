@@ -39,3 +39,23 @@ def test_cuda_sides_agree_with_gradients(side):
     for p, q in zip(model.parameters(), ref.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad.cpu(), q.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_dreambooth_fp16_on_cuda_keeps_adapters_fp32(tmp_path):
+    """fp16 mixed precision with a GradScaler: fp32 adapter parameters, so no "Attempting to unscale FP16
+    gradients" error; the embedded model and bundled subject, 5 steps, one validation."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "train_scripts"))
+    import train_dreambooth_boft
+
+    result = train_dreambooth_boft.main([
+        "--instance_data_dir", str(root / "boftvision/assets/sks-instance"), "--instance_prompt", "a photo of sks shape",
+        "--mixed_precision", "fp16", "--max_train_steps", "5", "--train_text_encoder", "--learning_rate", "1e-3",
+        "--output_dir", str(tmp_path), "--validation_prompt", "a photo of sks shape", "--validation_steps", "5",
+        "--num_validation_images", "2", "--num_inference_steps", "5"])
+    assert result["steps"] == 5 and all(torch.isfinite(torch.tensor(result["losses"])))
+    for part in ("unet", "text_encoder"):
+        assert {t.dtype for t in bv.io.read_adapter(tmp_path / part)[1].values()} == {torch.float32}
