@@ -127,3 +127,19 @@ def test_bundled_control_adapter_beats_the_base_model(tmp_path):
     image = generate(pipe, "a photo of a red circle", 0, 10,
                      control=control_features(pipe, EMBEDDED_CONTROL, folder / "conditioning_images" / "00000.png"))
     assert image[0].size == (32, 32)
+
+
+def test_control_accelerate_launch_two_processes(setup, tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "train_scripts" / "train_controlnet_boft.py"),
+               *args(setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+    assert ControlEncoder.load(tmp_path).out.weight.abs().max() > 0
