@@ -9,6 +9,7 @@ import math
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -168,3 +169,70 @@ def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_
         accelerator.print(f"resumed from {checkpoint} (epoch {state['epoch']})")
     return SimpleNamespace(model=model, optimizer=optimizer, train_loader=train_loader, eval_loader=eval_loader,
                            scheduler=scheduler, steps_per_epoch=steps_per_epoch, total=total, state=state)
+
+
+def accelerator_from_args(args: argparse.Namespace):
+    """The step-based scripts' Accelerator: accumulation, mixed precision, trackers (``--report_to``)
+    logging under ``output_dir/logs``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(args.output_dir)
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision,
+                       log_with=None if args.report_to == "none" else args.report_to,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+
+
+def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, models: list, optimizer, scheduler,
+                loader, loss_fn, validate=None) -> SimpleNamespace:
+    """The optimizer-step loop of the step-based scripts (DreamBooth, control), prepared objects given.
+
+    Resumes from ``--resume_from_checkpoint`` (``latest`` or a folder under ``output_dir``), continuing
+    mid-epoch with the batches the interrupted epoch had not seen; then per batch: ``loss_fn(batch)``
+    under ``accumulate(*models)``, backward, gradient clipping (``--max_grad_norm``), optimizer and
+    scheduler step; per optimizer step: progress bar, tracker log, a checkpoint every
+    ``--checkpointing_steps`` and ``validate(step)`` (→ a saved path) every ``--validation_steps``.
+    Returns ``step``, ``losses``, ``validations`` and ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    step, losses = 0, []
+    checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trained, optimizer, scheduler)
+        step, losses = state["step"], state.get("losses", [])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
+    bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    start, validations = time.time(), []
+    while step < args.max_train_steps:
+        skip = (step % updates_per_epoch) * args.gradient_accumulation_steps  # resumed mid-epoch
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            with accelerator.accumulate(*models):
+                loss = loss_fn(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss": losses[-1], "lr": lr}, step=step)
+            if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses},
+                                keep=args.checkpoints_total_limit)
+            if validate is not None and step % args.validation_steps == 0 and accelerator.is_main_process:
+                validations.append(str(validate(step)))
+            if step >= args.max_train_steps:
+                break
+    accelerator.wait_for_everyone()
+    return SimpleNamespace(step=step, losses=losses, validations=validations, seconds=round(time.time() - start, 1))

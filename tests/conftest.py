@@ -59,3 +59,36 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# --- tiny Stable Diffusion (the embedded model's architecture, random weights) ----------------------
+# adapter sizes that divide every targeted width of the tiny UNet (32/64) and text encoder (32)
+SD_ADAPTER_SIZES = ["--boft_block_size", "4", "--oft_block_size", "8", "--vblora_vector_length", "8",
+                    "--vblora_num_vectors", "32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A saved tiny pipeline (diffusers layout), built once per session."""
+    from boftvision.data.shapes import WORDS
+    from boftvision.integrations.diffusers import pipeline_from_components, tiny_components
+
+    path = tmp_path_factory.mktemp("tiny-sd") / "model"
+    pipeline_from_components(tiny_components(WORDS, seed=0)).save_pretrained(str(path))
+    return path
+
+
+def accelerate_launch_two_cpu_processes(script, script_args) -> None:
+    """Run a training script under ``accelerate launch --num_processes 2 --cpu``; fail with its stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(root / "train_scripts" / script), *script_args]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]

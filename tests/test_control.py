@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes
 from PIL import Image
 
 from boftvision.data.controlnet import read_metadata, write_triplets
-from boftvision.data.shapes import WORDS, control_example
+from boftvision.data.shapes import control_example
 from boftvision.generate import control_features, generate
 from boftvision.integrations.diffusers import (
-    EMBEDDED, EMBEDDED_CONTROL, ControlEncoder, control_signal, load_pipeline, pipeline_from_components,
-    tiny_components,
+    EMBEDDED, EMBEDDED_CONTROL, ControlEncoder, control_signal, load_pipeline,
 )
 from boftvision.metrics.control import landmark_error, mask_iou_error
 
@@ -26,14 +26,10 @@ sys.path.insert(0, str(ROOT / "train_scripts"))
 import eval_control  # noqa: E402
 import train_controlnet_boft  # noqa: E402
 
-SIZES = ["--boft_block_size", "4", "--oft_block_size", "8", "--vblora_vector_length", "8",
-         "--vblora_num_vectors", "32"]
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_sd):
     root = tmp_path_factory.mktemp("control")
-    pipeline_from_components(tiny_components(WORDS, seed=0)).save_pretrained(str(root / "model"))
+    (root / "model").symlink_to(tiny_sd, target_is_directory=True)
     rng = np.random.default_rng(0)
     write_triplets(root / "train", [control_example(rng, 32) for _ in range(4)])
     return root
@@ -42,7 +38,7 @@ def setup(tmp_path_factory):
 def args(root, out, *extra):
     return ["--pretrained_model_name_or_path", str(root / "model"), "--train_data_dir", str(root / "train"),
             "--output_dir", str(out), "--learning_rate", "1e-2", "--train_batch_size", "4", "--seed", "0",
-            *SIZES, *extra]
+            *SD_ADAPTER_SIZES, *extra]
 
 
 @pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora"])
@@ -130,16 +126,8 @@ def test_bundled_control_adapter_beats_the_base_model(tmp_path):
 
 
 def test_control_accelerate_launch_two_processes(setup, tmp_path):
-    import os
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "train_scripts" / "train_controlnet_boft.py"),
-               *args(setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2")]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    accelerate_launch_two_cpu_processes("train_controlnet_boft.py", args(
+        setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     assert ControlEncoder.load(tmp_path).out.weight.abs().max() > 0

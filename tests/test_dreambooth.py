@@ -2,36 +2,29 @@
 architecture): loss falls per adapter, checkpoints resume exactly, saved adapters reload into a fresh
 pipeline, interpolation endpoints are exact, bad input is refused clearly, 2-process accelerate works."""
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes
 
 import boftvision as bv
 from boftvision.data.dreambooth import tokenize
-from boftvision.data.shapes import INSTANCE_PROMPT, WORDS, instance_images
+from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
 from boftvision.generate import interpolation_path, set_identity_components
-from boftvision.integrations.diffusers import (
-    TEXT_ENCODER_PRESETS, UNET_PRESETS, attach_adapters, load_pipeline, pipeline_from_components, tiny_components,
-)
+from boftvision.integrations.diffusers import TEXT_ENCODER_PRESETS, UNET_PRESETS, attach_adapters, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 import train_dreambooth_boft  # noqa: E402
 
-SIZES = ["--boft_block_size", "4", "--oft_block_size", "8", "--vblora_vector_length", "8",
-         "--vblora_num_vectors", "32"]
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_sd):
     root = tmp_path_factory.mktemp("dreambooth")
-    pipeline_from_components(tiny_components(WORDS, seed=0)).save_pretrained(str(root / "model"))
+    (root / "model").symlink_to(tiny_sd, target_is_directory=True)
     (root / "instance").mkdir()
     for i, image in enumerate(instance_images(3, 32)):
         image.save(root / "instance" / f"{i}.png")
@@ -41,7 +34,7 @@ def setup(tmp_path_factory):
 def args(root, out, *extra):
     return ["--pretrained_model_name_or_path", str(root / "model"), "--instance_data_dir", str(root / "instance"),
             "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out), "--learning_rate", "1e-2",
-            "--train_batch_size", "3", "--seed", "0", *SIZES, *extra]
+            "--train_batch_size", "3", "--seed", "0", *SD_ADAPTER_SIZES, *extra]
 
 
 def unet_output(unet) -> torch.Tensor:
@@ -155,13 +148,8 @@ def test_bad_input(setup, tmp_path):
 
 
 def test_accelerate_launch_two_processes(setup, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "train_scripts" / "train_dreambooth_boft.py"),
-               *args(setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2")]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    accelerate_launch_two_cpu_processes("train_dreambooth_boft.py", args(
+        setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "unet" / "adapter_model.safetensors").is_file()

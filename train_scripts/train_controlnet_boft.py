@@ -17,26 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.controlnet import ControlDataset, to_tensor
 from boftvision.integrations.diffusers import (
-    EMBEDDED, UNET_PRESETS, ControlEncoder, control_signal, denoising_loss, image_grid, load_pipeline,
+    EMBEDDED, UNET_PRESETS, ControlEncoder, control_signal, denoising_loss, frozen_pipeline, image_grid,
+    lr_scheduler_from_args,
 )
 from boftvision.training import (
-    add_adapter_arguments, adapter_config_from_args, list_checkpoints, load_checkpoint, make_optimizer,
-    resolve_checkpoint, save_checkpoint,
+    accelerator_from_args, add_adapter_arguments, adapter_config_from_args, list_checkpoints, make_optimizer,
+    train_steps,
 )
 
 
@@ -130,23 +127,12 @@ def validate(args, accelerator, pipe, unet, encoder, size: int, step: int) -> Pa
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
-                              log_with=None if args.report_to == "none" else args.report_to,
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    accelerator = accelerator_from_args(args)
     set_seed(args.seed)
-    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = load_data(args, tokenizer, size)  # bad data fails before training starts
-
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (vae, text_encoder, unet):
-        module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     if args.adapter != "none":
         bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets]))
     if args.gradient_checkpointing:
@@ -162,61 +148,31 @@ def main(argv=None) -> dict:
         for group in optimizer.param_groups:
             if all(id(p) in encoder_params for p in group["params"]):
                 group["lr"] = args.encoder_learning_rate
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
     unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(unet, encoder, optimizer, loader, lr_scheduler)
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-
-    step, losses = 0, []
-    checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler)
-        step, losses = state["step"], state.get("losses", [])
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("control-boft", config={k: v for k, v in vars(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
-    bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
-    start, validations = time.time(), []
-    unet.train()
-    while step < args.max_train_steps:
-        skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            with accelerator.accumulate(unet, encoder):
-                features = encoder(batch["control"].float())
-                loss = denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"], batch["ids"],
-                                      weight_dtype, control=features).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(accelerator.gather(loss.detach()).mean().item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(out, trained, optimizer, lr_scheduler, step, {"losses": losses},
-                                keep=args.checkpoints_total_limit)
-            if args.validation_image and step % args.validation_steps == 0 and accelerator.is_main_process:
-                validations.append(str(validate(args, accelerator, pipe, unet, encoder, size, step)))
-            if step >= args.max_train_steps:
-                break
 
-    accelerator.wait_for_everyone()
-    result = {"steps": step, "losses": losses, "adapter": args.adapter, "trainable_parameters": counts.trainable,
-              "seconds": round(time.time() - start, 1), "checkpoints": [p.name for p in list_checkpoints(out)],
-              "validation": validations}
+    def loss_fn(batch):
+        return denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"], batch["ids"], weight_dtype,
+                              control=encoder(batch["control"].float())).mean()
+
+    def validate_at(step):
+        return validate(args, accelerator, pipe, unet, encoder, size, step)
+
+    unet.train()
+    run = train_steps(accelerator, args, trained, [unet, encoder], optimizer, lr_scheduler, loader, loss_fn,
+                      validate_at if args.validation_image else None)
+    result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
+              "trainable_parameters": counts.trainable, "seconds": run.seconds,
+              "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:
         if args.adapter != "none":
             bv.save_adapter(accelerator.unwrap_model(unet), out / "unet")
         accelerator.unwrap_model(encoder).save(out)
         if args.validation_image:
-            result["validation"].append(str(validate(args, accelerator, pipe, unet, encoder, size, step)))
+            result["validation"].append(str(validate_at(run.step)))
         (out / "results.json").write_text(json.dumps(result, indent=1))
     accelerator.end_training()
     return result

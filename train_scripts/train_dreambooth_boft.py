@@ -23,25 +23,26 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.dreambooth import IMAGE_SUFFIXES, DreamBoothDataset, collate, list_images
-from boftvision.integrations.diffusers import EMBEDDED, TEXT_ENCODER_PRESETS, UNET_PRESETS, denoising_loss, image_grid, load_pipeline
+from boftvision.integrations.diffusers import (
+    EMBEDDED, TEXT_ENCODER_PRESETS, UNET_PRESETS, denoising_loss, frozen_pipeline, image_grid, load_pipeline,
+    lr_scheduler_from_args,
+)
 from boftvision.training import (
-    add_adapter_arguments, adapter_config_from_args, list_checkpoints, load_checkpoint, make_optimizer,
-    resolve_checkpoint, save_checkpoint,
+    accelerator_from_args, add_adapter_arguments, adapter_config_from_args, list_checkpoints, make_optimizer,
+    train_steps,
 )
 
 logger = get_logger(__name__)
@@ -150,24 +151,15 @@ def validate(args, accelerator, pipe, unet, text_encoder, step: int) -> Path:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
-                              log_with=None if args.report_to == "none" else args.report_to,
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    accelerator = accelerator_from_args(args)
     set_seed(args.seed)
     list_images(args.instance_data_dir, "--instance_data_dir")  # fail before any model is loaded
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
         accelerator.wait_for_everyone()
 
-    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (vae, text_encoder, unet):  # base weights frozen and cast before the adapters exist
-        module.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets]))
     if args.train_text_encoder:
         bv.add_adapter(text_encoder, adapter_config_from_args(args, TEXT_ENCODER_PRESETS[args.text_encoder_targets]))
@@ -184,78 +176,41 @@ def main(argv=None) -> dict:
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=args.dataloader_num_workers)  # file order: a resumed run sees the same batches
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
             unet, text_encoder, optimizer, loader, lr_scheduler)
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    models = [unet, text_encoder] if args.train_text_encoder else [unet]
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-
-    step, losses = 0, []
-    checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler)
-        step, losses = state["step"], state.get("losses", [])
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-boft", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
     logger.info(f"{len(dataset)} examples, {args.max_train_steps} steps, adapter {args.adapter}: "
                 f"{counts.trainable:,} trainable parameters", main_process_only=True)
-    bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
-    start, validations = time.time(), []
+
+    def loss_fn(batch):
+        losses = denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"], batch["ids"], weight_dtype)
+        if args.with_prior_preservation:  # instance half, class half
+            instance, prior = losses.chunk(2)
+            return instance.mean() + args.prior_loss_weight * prior.mean()
+        return losses.mean()
+
+    def validate_at(step):
+        return validate(args, accelerator, pipe, unet, text_encoder, step)
+
     unet.train()
     text_encoder.train(args.train_text_encoder)
-    while step < args.max_train_steps:
-        epoch_loader = loader
-        skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
-        if skip:  # resumed mid-epoch: continue where the interrupted epoch was
-            epoch_loader = accelerator.skip_first_batches(loader, skip)
-        for batch in epoch_loader:
-            with accelerator.accumulate(*models):
-                losses_per_example = denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"],
-                                                    batch["ids"], weight_dtype)
-                if args.with_prior_preservation:  # instance half, class half
-                    instance, prior = losses_per_example.chunk(2)
-                    loss = instance.mean() + args.prior_loss_weight * prior.mean()
-                else:
-                    loss = losses_per_example.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(accelerator.gather(loss.detach()).mean().item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(out, trained, optimizer, lr_scheduler, step, {"losses": losses},
-                                keep=args.checkpoints_total_limit)
-            if args.validation_prompt and step % args.validation_steps == 0 and accelerator.is_main_process:
-                validations.append(str(validate(args, accelerator, pipe, unet, text_encoder, step)))
-            if step >= args.max_train_steps:
-                break
-
-    accelerator.wait_for_everyone()
-    result = {"steps": step, "losses": losses, "adapter": args.adapter, "trainable_parameters": counts.trainable,
-              "stored_parameters": counts.stored, "seconds": round(time.time() - start, 1),
-              "checkpoints": [p.name for p in list_checkpoints(out)], "validation": validations}
+    run = train_steps(accelerator, args, trained, [unet, text_encoder] if args.train_text_encoder else [unet],
+                      optimizer, lr_scheduler, loader, loss_fn, validate_at if args.validation_prompt else None)
+    result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
+              "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
+              "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:
         bv.save_adapter(accelerator.unwrap_model(unet), out / "unet")
         if args.train_text_encoder:
             bv.save_adapter(accelerator.unwrap_model(text_encoder), out / "text_encoder")
         if args.validation_prompt:
-            result["validation"].append(str(validate(args, accelerator, pipe, unet, text_encoder, step)))
+            result["validation"].append(str(validate_at(run.step)))
         (out / "results.json").write_text(json.dumps(result, indent=1))
     accelerator.end_training()
     return result

@@ -48,6 +48,28 @@ def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torc
     return pipe.to(device)
 
 
+def frozen_pipeline(name_or_path: str | Path, accelerator):
+    """For training scripts: the pipeline with every module frozen and cast to the mixed-precision
+    dtype on the accelerator's device (adapters added afterwards stay fp32), its DDPM training
+    scheduler, and that dtype."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(name_or_path)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False).to(accelerator.device, dtype=dtype)
+    return pipe, DDPMScheduler.from_config(pipe.scheduler.config), dtype
+
+
+def lr_scheduler_from_args(args, optimizer, num_processes: int):
+    """diffusers' named schedule over ``--max_train_steps`` (× processes: a prepared scheduler steps
+    once per process for each optimizer step, as in diffusers' scripts)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
+
+
 def adapter_parts(adapter_dir: str | Path) -> dict[str, Path]:
     """{"unet": DIR/unet, "text_encoder": DIR/text_encoder} for the parts the directory has."""
     adapter_dir = Path(adapter_dir)
