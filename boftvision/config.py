@@ -16,9 +16,15 @@ TargetModules = Union[str, list[str], None]
 # PEFT keys that describe bookkeeping, not the adapter: accepted silently.
 _PEFT_BOOKKEEPING = {
     "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
-    "inference_mode", "fan_in_fan_out", "bias", "layers_to_transform",
-    "layers_pattern", "exclude_modules",
+    "inference_mode", "fan_in_fan_out",
 }
+# PEFT options every method shares that boftvision does not implement: the value that means "off"
+_SHARED_UNSUPPORTED = {"bias": "none"}
+
+# Upper bounds on sizes read from a config, checked before anything is allocated (far above any
+# published setting; a file asking for more is refused, not obeyed)
+LIMITS = {"r": 65536, "num_vectors": 2**20, "vector_length": 2**20, "topk": 2**20, "block_size": 2**16,
+          "block_num": 2**24, "n_butterfly_factor": 32, "num_cayley_neumann_terms": 64}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -26,17 +32,52 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(config, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    limit = LIMITS.get(name)
+    _check(_is_int(value) and value >= minimum and (limit is None or value <= limit),
+           f"{type(config).__name__}: {name} must be an int in [{minimum}, {limit}], got {value!r}"
+           if limit else f"{type(config).__name__}: {name} must be an int ≥ {minimum}, got {value!r}")
+
+
+def _check_float(config, name: str, low: float | None = None, high: float | None = None) -> None:
+    """A number (not a bool or a string) in [low, high); either bound may be left open."""
+    value = getattr(config, name)
+    ok = _is_number(value) and (low is None or value >= low) and (high is None or value < high)
+    where = "" if low is None and high is None else \
+        f" ≥ {low:g}" if high is None else f" in [{low:g}, {high:g})"
+    _check(ok, f"{type(config).__name__}: {name} must be a number{where}, got {value!r}")
+
+
+def _names_or_regex(value) -> bool:
+    return value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 @dataclass
 class AdapterConfig:
     """Fields every method shares. ``target_modules``: a list (exact names or dotted suffixes) or one
-    regex string matched against full module names, as in PEFT. ``modules_to_save``: names (or suffixes)
-    of modules trained fully and saved in the adapter file (PEFT's convention; unlike PEFT they are
-    trained in place, not copied per adapter name)."""
+    regex string matched against full module names, as in PEFT; ``exclude_modules`` (same forms) are
+    never adapted; ``layers_to_transform`` keeps only suffix matches whose layer index (the number after
+    ``layers_pattern``, by default after any module name) is listed. ``modules_to_save``: names (or
+    suffixes) of modules trained fully and saved in the adapter file: as in PEFT, each adapter trains its
+    own copy and the original module is left untouched."""
 
     target_modules: TargetModules = None
     init_weights: bool = True
     base_model_name_or_path: str | None = None
     modules_to_save: list[str] | None = None  # e.g. a task head: trained fully and saved with the adapter
+    exclude_modules: TargetModules = None  # PEFT's: names/suffixes or a regex never adapted
+    layers_to_transform: int | list[int] | None = None  # PEFT's: only these layer indices …
+    layers_pattern: str | list[str] | None = None  # … found after this module name ("layers", "h", …)
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
@@ -47,12 +88,19 @@ class AdapterConfig:
     PEFT_BOOKKEEPING: ClassVar[set[str]] = set()
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        _check(
-            self.target_modules is None or isinstance(self.target_modules, (str, list)),
-            f"target_modules must be a list of names or a regex string, got {self.target_modules!r}",
-        )
+        name = type(self).__name__
+        for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, field)
+            if isinstance(value, (set, tuple)):
+                setattr(self, field, value := sorted(value))
+            _check(_names_or_regex(value) and not (field == "modules_to_save" and isinstance(value, str)),
+                   f"{name}: {field} must be a list of module names"
+                   f"{'' if field == 'modules_to_save' else ' or a regex string'}, got {value!r}")
+        layers = self.layers_to_transform
+        _check(layers is None or _is_int(layers) or (isinstance(layers, list) and all(_is_int(i) for i in layers)),
+               f"{name}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        _check(isinstance(self.init_weights, bool), f"{name}: init_weights must be true or false, got "
+                                                    f"{self.init_weights!r}")
         self.validate()
 
     def validate(self) -> None:  # overridden per method
@@ -80,11 +128,12 @@ class AdapterConfig:
             name = peft_to_ours.get(key, key)
             if name in ours:
                 kwargs[name] = value
-            elif key in cls.PEFT_UNSUPPORTED:
-                if value not in (cls.PEFT_UNSUPPORTED[key], None) and value != {}:
+            elif key in cls.PEFT_UNSUPPORTED or key in _SHARED_UNSUPPORTED:
+                supported = {**_SHARED_UNSUPPORTED, **cls.PEFT_UNSUPPORTED}[key]
+                if value not in (supported, None) and value != {}:
                     raise ValueError(
                         f"{cls.__name__}: PEFT option {key}={value!r} is not supported by boftvision; "
-                        f"re-train without it (supported value: {cls.PEFT_UNSUPPORTED[key]!r})"
+                        f"re-train without it (supported value: {supported!r})"
                     )
             elif key not in _PEFT_BOOKKEEPING | cls.PEFT_BOOKKEEPING and key != "method" \
                     and value not in (None, False, {}, []):
@@ -121,8 +170,9 @@ class LoRAConfig(AdapterConfig):
     PEFT_BOOKKEEPING: ClassVar[set[str]] = {"qalora_group_size", "megatron_core"}
 
     def validate(self) -> None:
-        _check(isinstance(self.r, int) and self.r > 0, f"LoRAConfig: r must be a positive int, got {self.r!r}")
-        _check(0.0 <= self.dropout < 1.0, f"LoRAConfig: dropout must be in [0, 1), got {self.dropout}")
+        _check_int(self, "r", 1)
+        _check_float(self, "alpha")
+        _check_float(self, "dropout", 0.0, 1.0)
 
 
 @dataclass
@@ -149,11 +199,14 @@ class VBLoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         for name in ("r", "num_vectors", "vector_length", "topk"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"VBLoRAConfig: {name} must be a positive int, got {value!r}")
+            _check_int(self, name, 1)
         _check(self.topk <= self.num_vectors,
                f"VBLoRAConfig: topk={self.topk} exceeds num_vectors={self.num_vectors}; use topk ≤ num_vectors (paper: 2)")
-        _check(0.0 <= self.dropout < 1.0, f"VBLoRAConfig: dropout must be in [0, 1), got {self.dropout}")
+        _check_float(self, "dropout", 0.0, 1.0)
+        _check_float(self, "init_vector_bank_bound", 0.0)
+        _check_float(self, "init_logits_std", 0.0)
+        _check(isinstance(self.save_only_topk_weights, bool),
+               f"VBLoRAConfig: save_only_topk_weights must be true or false, got {self.save_only_topk_weights!r}")
 
 
 @dataclass
@@ -165,16 +218,11 @@ class _BlockConfig(AdapterConfig):
 
     def validate(self) -> None:
         name = type(self).__name__
+        _check_int(self, "block_size", 0)
+        _check_int(self, "block_num", 0)
         _check((self.block_size > 0) != (self.block_num > 0),
                f"{name}: give exactly one of block_size or block_num (>0), got "
                f"block_size={self.block_size}, block_num={self.block_num}")
-
-    def block_size_for(self, width: int) -> int:
-        if self.block_size:
-            return self.block_size
-        if width % self.block_num:
-            raise ValueError(f"block_num {self.block_num} does not divide width {width}")
-        return width // self.block_num
 
 
 @dataclass
@@ -198,9 +246,10 @@ class OFTConfig(_BlockConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.num_cayley_neumann_terms >= 1,
-               f"OFTConfig: num_cayley_neumann_terms must be ≥ 1, got {self.num_cayley_neumann_terms}")
-        _check(0.0 <= self.dropout < 1.0, f"OFTConfig: dropout must be in [0, 1), got {self.dropout}")
+        _check_int(self, "num_cayley_neumann_terms", 1)
+        _check(isinstance(self.use_cayley_neumann, bool),
+               f"OFTConfig: use_cayley_neumann must be true or false, got {self.use_cayley_neumann!r}")
+        _check_float(self, "dropout", 0.0, 1.0)
 
 
 @dataclass
@@ -220,9 +269,8 @@ class BOFTConfig(_BlockConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check(isinstance(self.n_butterfly_factor, int) and self.n_butterfly_factor >= 1,
-               f"BOFTConfig: n_butterfly_factor must be an int ≥ 1 (1 = OFT), got {self.n_butterfly_factor!r}")
-        _check(0.0 <= self.dropout < 1.0, f"BOFTConfig: dropout must be in [0, 1), got {self.dropout}")
+        _check_int(self, "n_butterfly_factor", 1)
+        _check_float(self, "dropout", 0.0, 1.0)
         if self.n_butterfly_factor > 1 and self.block_size:
             _check(self.block_size % 2 == 0,
                    f"BOFTConfig: block_size must be even when n_butterfly_factor > 1, got {self.block_size}")

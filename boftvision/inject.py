@@ -1,22 +1,30 @@
 """Model surgery: match target modules, wrap them, freeze the base, switch/merge/remove adapters.
 
 The model is adapted in place. Its adapter configs live in ``model.boftvision_configs``
-({name: config}); the wrapped layers are :class:`~boftvision.adapters.AdaptedLayer` objects.
+({name: config}); the wrapped layers are :class:`~boftvision.adapters.AdaptedLayer` objects and the
+modules trained in full (``modules_to_save``) are :class:`~boftvision.adapters.ModulesToSaveWrapper`
+objects holding the original module and one copy per adapter name.
+
+Every public call here either completes or leaves the model as it was: module tree, registered
+adapters, ``requires_grad`` flags and hooks (see :func:`all_or_nothing`).
 """
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
 from torch import nn
 
-from .adapters import ADAPTER_CLASSES, AdaptedLayer, LayerShape, VBLoRA, new_vector_bank
+from .adapters import ADAPTER_CLASSES, AdaptedLayer, LayerShape, ModulesToSaveWrapper, VBLoRA, new_vector_bank
 from .adapters.base import is_supported
-from .adapters.boft import OrthogonalAdapter, share_rotations
+from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rotations
 from .config import AdapterConfig
 
 CONFIGS_ATTR = "boftvision_configs"
+REQUIRES_GRAD_ATTR = "boftvision_requires_grad"  # the flags the model had before its first adapter
+WRAPPERS = (AdaptedLayer, ModulesToSaveWrapper)
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -29,6 +37,63 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield name, module
 
 
+def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+@contextmanager
+def all_or_nothing(model: nn.Module):
+    """Undo every structural change made inside the block when it raises: each module's children and
+    hooks, the wrappers' active/disabled/merged state, ``requires_grad`` flags, the configs."""
+    modules = list(model.modules())
+    saved = [(m, dict(m._modules), dict(m._forward_pre_hooks), dict(m._forward_hooks),
+              dict(m._forward_hooks_always_called),
+              {k: m.__dict__[k] for k in ("active", "disabled", "merged") if k in m.__dict__})
+             for m in modules]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    configs = dict(adapter_configs(model))
+    model_state = {k: model.__dict__[k] for k in (REQUIRES_GRAD_ATTR,) if k in model.__dict__}
+    try:
+        yield
+    except BaseException:
+        for m, children, pre, post, always, attrs in saved:
+            for store, old in ((m._modules, children), (m._forward_pre_hooks, pre), (m._forward_hooks, post),
+                               (m._forward_hooks_always_called, always)):
+                store.clear()
+                store.update(old)
+            m.__dict__.update(attrs)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        adapter_configs(model).clear()
+        adapter_configs(model).update(configs)
+        model.__dict__.pop(REQUIRES_GRAD_ATTR, None)
+        model.__dict__.update(model_state)
+        raise
+
+
+def layer_index_matches(config: AdapterConfig, name: str) -> bool:
+    """PEFT's ``layers_to_transform`` / ``layers_pattern``: the first number after ``<pattern>.`` in the
+    module name (after any module name when no pattern is given) must be one of the listed layer
+    indices; names without such a number do not match."""
+    indices = config.layers_to_transform
+    if indices is None or indices == []:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            if found:
+                break
+    if not found:
+        return False
+    index = int(found.group(1))
+    return index == indices if isinstance(indices, int) else index in indices
+
+
 def matches(pattern: str | list[str], name: str) -> bool:
     """PEFT's rule: a string is a regex that must match the whole name; a list matches exact names or
     dotted suffixes (``"to_q"`` matches ``"down.0.attn.to_q"``)."""
@@ -37,27 +102,51 @@ def matches(pattern: str | list[str], name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in pattern)
 
 
+def is_target(config: AdapterConfig, name: str) -> bool:
+    """``target_modules`` minus ``exclude_modules`` and ``modules_to_save`` (and what they hold), with
+    PEFT's layer-index filter for suffix matches."""
+    if config.exclude_modules and matches(config.exclude_modules, name):
+        return False
+    if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or []):
+        return False
+    if not matches(config.target_modules, name):
+        return False
+    if isinstance(config.target_modules, str) or name in config.target_modules:
+        return True  # PEFT applies the layer filter to suffix matches only
+    return layer_index_matches(config, name)
+
+
+def _inside_wrapper(name: str, wrappers: list[str]) -> bool:
+    return any(name.startswith(w + ".") for w in wrappers)
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
-    """Base layers (unwrapped) to adapt, by module name; a clear error when nothing fits."""
+    """Base layers (unwrapped) to adapt, by module name; a clear error when nothing fits or when a
+    target is a module type boftvision cannot adapt."""
     if config.target_modules is None:
         raise ValueError("target_modules is empty: give module names (e.g. ['to_q', 'to_v']) or a regex; "
                          "integrations provide presets")
-    wrappers = [name for name, _ in adapted_layers(model)]
-    targets, unsupported = {}, []
+    wrappers = [name for name, m in model.named_modules() if isinstance(m, WRAPPERS)]
+    targets, unsupported, parents = {}, [], dict(model.named_modules())
     for name, module in model.named_modules():
-        if not name or not matches(config.target_modules, name):
+        if not name or not is_target(config, name) or _inside_wrapper(name, wrappers):
             continue
         if isinstance(module, AdaptedLayer):
             targets[name] = module.base_layer
-        elif any(name.startswith(w + ".") for w in wrappers):
-            continue  # inside a wrapper: its base layer or another adapter's modules
         elif is_supported(module):
             targets[name] = module
+            parent = parents[name.rpartition(".")[0]]
+            if isinstance(parent, nn.MultiheadAttention):
+                warnings.warn(f"target '{name}' is the output projection of an nn.MultiheadAttention, which "
+                              "reads its weight directly and never calls it: the adapter will have no effect. "
+                              "Adapt the attention's callers' Linear layers instead", stacklevel=3)
         else:
             unsupported.append(f"{name} ({type(module).__name__})")
-    if unsupported and not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matched only unsupported modules: "
-                         f"{unsupported[:5]}; boftvision adapts nn.Linear, nn.Conv2d and transformers' Conv1D")
+    if unsupported:
+        raise ValueError(f"target_modules={config.target_modules!r} matches modules boftvision cannot adapt: "
+                         f"{unsupported[:5]}{' …' if len(unsupported) > 5 else ''}; it adapts nn.Linear, "
+                         "nn.Conv2d and transformers' Conv1D — narrow target_modules to those (or list "
+                         "the others in exclude_modules)")
     if not targets:
         layer_names = [n for n, m in model.named_modules() if is_supported(m)]
         suffixes = sorted({n.split(".")[-1] for n in layer_names})
@@ -68,24 +157,28 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module
 
 def modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
     """The modules ``config.modules_to_save`` names (suffix match; names a model lacks are skipped, as
-    PEFT lists both ``classifier`` and ``score`` for sequence classification)."""
+    PEFT lists both ``classifier`` and ``score`` for sequence classification): their wrappers once
+    the adapter is added."""
     if not config.modules_to_save:
         return {}
-    wrappers = [name for name, _ in adapted_layers(model)]
+    wrappers = [name for name, m in model.named_modules() if isinstance(m, WRAPPERS)]
     return {name: module for name, module in model.named_modules()
-            if name and matches(list(config.modules_to_save), name)
-            and not any(name.startswith(w + ".") for w in wrappers)}
+            if name and matches(list(config.modules_to_save), name) and not _inside_wrapper(name, wrappers)}
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Add adapter ``name`` to every target layer, freeze everything else, make it active.
 
-    All layers are validated before any is changed, so an error leaves the model as it was.
+    Raises (and leaves the model as it was) for an existing name, a merged adapter, targets that do
+    not fit.
     """
     configs = adapter_configs(model)
     if name in configs:
         raise ValueError(f"adapter {name!r} already exists on this model; pick another name or "
                          f"remove_adapter(model, {name!r}) first")
+    merged = {layer.merged for _, layer in adapted_layers(model)} - {None}
+    if merged:
+        raise RuntimeError(f"adapter {sorted(merged)[0]!r} is merged; unmerge_adapter(model) before adding another")
     targets = find_targets(model, config)
     adapter_cls = ADAPTER_CLASSES[config.method]
     device = next(iter(targets.values())).weight.device
@@ -96,28 +189,61 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
         adapter.train(base.training)  # a model in eval mode gets adapters in eval mode (no dropout)
         new[layer_name] = adapter.to(device=base.weight.device)  # keeps Parameter objects (bank stays shared)
 
-    for layer_name, adapter in new.items():
-        wrapper = model.get_submodule(layer_name)
-        if not isinstance(wrapper, AdaptedLayer):
-            wrapper = AdaptedLayer(wrapper)
-            _replace(model, layer_name, wrapper)
-        wrapper.adapters[name] = adapter
-    configs[name] = config
-    for p in model.parameters():
-        p.requires_grad_(False)
-    set_adapter(model, name)
-    if any(isinstance(a, OrthogonalAdapter) for a in new.values()) and \
-            share_model_rotations not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(share_model_rotations)
+    with all_or_nothing(model):
+        if not configs:
+            model.__dict__[REQUIRES_GRAD_ATTR] = [(p, p.requires_grad) for p in model.parameters()]
+        for layer_name, adapter in new.items():
+            wrapper = model.get_submodule(layer_name)
+            if not isinstance(wrapper, AdaptedLayer):
+                wrapper = AdaptedLayer(wrapper)
+                _replace(model, layer_name, wrapper)
+            wrapper.adapters[name] = adapter
+        for module_name, module in modules_to_save(model, config).items():
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                _replace(model, module_name, module)
+            module.add_copy(name)
+        configs[name] = config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        set_adapter(model, name)
+        if any(isinstance(a, OrthogonalAdapter) for a in new.values()):
+            _attach_rotation_hooks(model)
     return model
+
+
+def _active_orthogonal(model: nn.Module) -> list[OrthogonalAdapter]:
+    return [layer.adapters[layer.active] for layer in model.modules()
+            if isinstance(layer, AdaptedLayer) and layer.active is not None and not layer.disabled
+            and layer.merged is None and isinstance(layer.adapters[layer.active], OrthogonalAdapter)]
 
 
 def share_model_rotations(model: nn.Module, args) -> None:
     """Forward pre-hook of an adapted model: the rotations of all its active OFT/BOFT layers are
-    computed in one batched pass per group (see :func:`~boftvision.adapters.boft.share_rotations`)."""
-    share_rotations([layer.adapters[layer.active] for layer in model.modules()
-                     if isinstance(layer, AdaptedLayer) and layer.active is not None and not layer.disabled
-                     and layer.merged is None and isinstance(layer.adapters[layer.active], OrthogonalAdapter)])
+    computed in one batched pass per group (see :func:`~boftvision.adapters.orthogonal.share_rotations`)."""
+    share_rotations(_active_orthogonal(model))
+
+
+def forget_model_rotations(model: nn.Module, args, output) -> None:
+    """Forward hook (always called, errors included): the batched rotations serve one forward only, so
+    a layer called on its own later (a recomputation in checkpointing, a direct call after its
+    parameters changed) computes its own."""
+    forget_rotations([layer.adapters[layer.active] for layer in model.modules()
+                      if isinstance(layer, AdaptedLayer) and layer.active is not None])
+
+
+def _attach_rotation_hooks(model: nn.Module) -> None:
+    if share_model_rotations not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(share_model_rotations)
+        model.register_forward_hook(forget_model_rotations, always_call=True)
+
+
+def _detach_rotation_hooks(model: nn.Module) -> None:
+    for store, hook in ((model._forward_pre_hooks, share_model_rotations),
+                        (model._forward_hooks, forget_model_rotations)):
+        for key in [k for k, h in store.items() if h is hook]:
+            del store[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -127,24 +253,27 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the active adapter: its parameters train, every other adapter's are frozen."""
+    """Make ``name`` the active adapter: its parameters (and its copies of ``modules_to_save``) train,
+    every other adapter's are frozen."""
     if name not in adapter_configs(model):
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(adapter_configs(model))}")
+    merged = {layer.merged for _, layer in adapted_layers(model)} - {None, name}
+    if merged:
+        raise RuntimeError(f"adapter {sorted(merged)[0]!r} is merged; unmerge_adapter(model) before switching")
     for _, layer in adapted_layers(model):
-        if layer.merged is not None and layer.merged != name:
-            raise RuntimeError(f"adapter {layer.merged!r} is merged; unmerge_adapter(model) before switching")
         layer.active = name if name in layer.adapters else None
         for adapter_name, adapter in layer.adapters.items():
             adapter.requires_grad_(adapter_name == name)
-    for module in modules_to_save(model, adapter_configs(model)[name]).values():
-        module.requires_grad_(True)
+    for _, wrapper in saved_module_wrappers(model):
+        wrapper.set_active(name)
 
 
 @contextmanager
 def disable_adapter(model: nn.Module):
-    """Run the base model: adapters bypassed (merged ones unmerged and re-merged on exit)."""
-    layers = [layer for _, layer in adapted_layers(model)]
-    merged = [layer for layer in layers if layer.merged is not None]
+    """Run the base model: adapters bypassed and the original ``modules_to_save`` used (merged adapters
+    unmerged, and merged again on exit)."""
+    layers = [layer for _, layer in adapted_layers(model)] + [w for _, w in saved_module_wrappers(model)]
+    merged = [layer for layer in layers if isinstance(layer, AdaptedLayer) and layer.merged is not None]
     for layer in merged:
         layer.unmerge()
     for layer in layers:
@@ -159,9 +288,21 @@ def disable_adapter(model: nn.Module):
 
 
 def merge_adapter(model: nn.Module) -> None:
-    """Fold the active adapter into the base weights (forward then costs exactly the base's)."""
-    for _, layer in adapted_layers(model):
-        layer.merge()
+    """Fold the active adapter into the base weights (forward then costs exactly the base's). Never
+    applies dropout, whatever the model's mode."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    if any(layer.disabled for layer in layers):
+        raise RuntimeError("merge_adapter inside `with disable_adapter(model)`: the disabled model would run "
+                           "merged weights; merge after the with-block")
+    done = []
+    try:
+        for layer in layers:
+            layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -169,9 +310,16 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def _restore_requires_grad(model: nn.Module) -> None:
+    for p, flag in model.__dict__.pop(REQUIRES_GRAD_ATTR, []):
+        p.requires_grad_(flag)
+
+
 def remove_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (all adapters when None). Layers left with no adapter get their
-    original module object back. A merged adapter is unmerged first."""
+    original module object back; so do ``modules_to_save`` left with no copy. A merged adapter is
+    unmerged first. With no adapter left, every parameter gets back the ``requires_grad`` it had
+    before the first :func:`add_adapter`."""
     configs = adapter_configs(model)
     names = list(configs) if name is None else [name]
     for n in names:
@@ -187,20 +335,33 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
                     layer.active = None
         if not layer.adapters:
             _replace(model, layer_name, layer.base_layer)
+    for module_name, wrapper in list(saved_module_wrappers(model)):
+        for n in names:
+            wrapper.remove_copy(n)
+        if not wrapper.modules_to_save:
+            _replace(model, module_name, wrapper.original_module)
     for n in names:
         del configs[n]
-    if configs and all(layer.active is None for _, layer in adapted_layers(model)):
+    if not configs:
+        _detach_rotation_hooks(model)
+        _restore_requires_grad(model)
+    elif all(layer.active is None for _, layer in adapted_layers(model)):
         set_adapter(model, next(iter(configs)))
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter and drop every wrapper: a plain model with the fine-tuned weights."""
+    """Merge the active adapter and drop every wrapper: a plain model with the fine-tuned weights (and
+    the active adapter's ``modules_to_save``)."""
     merge_adapter(model)
     for layer_name, layer in list(adapted_layers(model)):
         layer.merged = None  # keep the merged weights
         _replace(model, layer_name, layer.base_layer)
+    for module_name, wrapper in list(saved_module_wrappers(model)):
+        _replace(model, module_name, wrapper.active_module())
     adapter_configs(model).clear()
+    _detach_rotation_hooks(model)
+    _restore_requires_grad(model)
     return model
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import VBLoRA
 from .config import AdapterConfig, config_from_dict
-from .inject import adapted_layers, adapter_configs, add_adapter, merge_and_unload, modules_to_save, remove_adapter
+from .inject import adapted_layers, adapter_configs, add_adapter, all_or_nothing, merge_and_unload, saved_module_wrappers
 from .ops.vector_bank import topk_compress, topk_expand
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,9 +39,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
                 state[f"{PREFIX}{layer_name}.{key}"] = tensor
             if isinstance(adapter, VBLoRA):
                 state[BANK_KEY] = adapter.vblora_vector_bank
-    for module_name, module in modules_to_save(model, adapter_configs(model)[name]).items():
-        for key, tensor in module.named_parameters():
-            state[f"{PREFIX}{module_name}.{key}"] = tensor
+    for module_name, wrapper in saved_module_wrappers(model):
+        if name in wrapper.modules_to_save:  # the adapter's own copy, under the original module's name
+            for key, tensor in wrapper.modules_to_save[name].named_parameters():
+                state[f"{PREFIX}{module_name}.{key}"] = tensor
     return state
 
 
@@ -118,8 +119,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     topk_only = False
     if config.method == "vblora":
         state, topk_only = _expand_topk(state, config.num_vectors)
-    add_adapter(model, config, name)
-    try:
+    with all_or_nothing(model):  # any error below leaves the model exactly as it was
+        add_adapter(model, config, name)
         own = adapter_state_dict(model, name)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -137,9 +138,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         with torch.no_grad():
             for key, tensor in state.items():
                 own[key].copy_(tensor.to(own[key].dtype))
-    except Exception:
-        remove_adapter(model, name)
-        raise
     for _, layer in adapted_layers(model):
         adapter = layer.adapters[name] if name in layer.adapters else None
         if isinstance(adapter, VBLoRA):
@@ -147,8 +145,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         if adapter is not None and (not is_trainable or topk_only):
             adapter.requires_grad_(False)
     if not is_trainable:
-        for module in modules_to_save(model, config).values():
-            module.requires_grad_(False)
+        for _, wrapper in saved_module_wrappers(model):
+            if name in wrapper.modules_to_save:
+                wrapper.modules_to_save[name].requires_grad_(False)
     return model
 
 

@@ -3,6 +3,8 @@
 PEFT-named state, stored-parameter count)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -66,6 +68,12 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
+
+
+def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Run ``x`` through a conv with ``base``'s stride/padding (mode included)/dilation and another
+    kernel: the base layer's own path, so the unmerged branch equals the merged weight's."""
+    return base._conv_forward(x, weight, None)
 
 
 class Adapter(nn.Module):
@@ -150,6 +158,8 @@ class AdaptedLayer(nn.Module):
     def merge(self) -> None:
         if self.active is None or self.merged is not None:
             return
+        if self.disabled:
+            raise RuntimeError("cannot merge a disabled adapter layer (inside `with disable_adapter(model)`)")
         if not self.base_layer.weight.is_floating_point():
             raise RuntimeError(f"cannot merge into the quantized weight of {type(self.base_layer).__name__}; "
                                "load the base model in bf16/fp16/fp32 to merge")
@@ -164,3 +174,52 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}, merged={self.merged!r}, disabled={self.disabled}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module some adapters train in full (a task head: PEFT's ``modules_to_save``). The original is
+    never trained or written; each adapter name gets its own copy (``modules_to_save[name]``, PEFT's
+    attribute names). The forward runs the active adapter's copy, or the original when disabled or
+    when the active adapter has no copy. Attributes the wrapper lacks are read from that module."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "original_module" not in self._modules:
+                raise
+            return getattr(self.active_module(), name)
+
+    def add_copy(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def remove_copy(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active == name:
+            self.active = None
+
+    def set_active(self, name: str) -> None:
+        """Copy ``name`` runs and trains; the original and every other copy are frozen."""
+        self.active = name if name in self.modules_to_save else None
+        self.original_module.requires_grad_(False)
+        for copy_name, module in self.modules_to_save.items():
+            module.requires_grad_(copy_name == name)
+
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active is None:
+            return self.original_module
+        return self.modules_to_save[self.active]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active!r}, disabled={self.disabled}"

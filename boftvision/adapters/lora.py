@@ -8,12 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoRAConfig
-from .base import AdditiveAdapter, LayerShape
-
-
-def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Run ``x`` through a conv with ``base``'s stride/padding/dilation and another kernel."""
-    return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)
+from .base import AdditiveAdapter, LayerShape, conv_like
 
 
 class LoRA(AdditiveAdapter):

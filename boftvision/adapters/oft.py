@@ -16,7 +16,7 @@ from torch import nn
 from ..config import OFTConfig
 from ..ops.orthogonal import cayley, cayley_neumann, skew_from_upper
 from .base import LayerShape
-from .boft import OrthogonalAdapter, block_size_for_layer
+from .orthogonal import OrthogonalAdapter, block_size_for_layer
 
 
 class OFT(OrthogonalAdapter):

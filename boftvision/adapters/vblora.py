@@ -9,8 +9,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..ops.vector_bank import lora_factors
-from .base import AdditiveAdapter, LayerShape
-from .lora import conv_like
+from .base import AdditiveAdapter, LayerShape, conv_like
 
 
 def new_vector_bank(config: VBLoRAConfig, device: torch.device | None = None) -> nn.Parameter:

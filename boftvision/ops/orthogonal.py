@@ -100,16 +100,16 @@ def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Te
     chunk (1, j), i.e. chunks j and j + 2^i, which is what the permutation sandwich does.
     """
     n, b, _ = blocks.shape
-    lead = x.shape[:-1]
+    lead = x.shape[:-1]  # explicit sizes below (no -1): an empty batch reshapes too
     if factor == 0:
-        y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, -1, b), blocks)
-        return y.reshape(*lead, -1)
+        y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, n, b), blocks)
+        return y.reshape(*lead, n * b)
     group, half = 2 ** factor, b // 2
     segments = n // group
-    xv = x.reshape(*lead, -1, 2, group, half)
+    xv = x.reshape(*lead, segments, 2, group, half)
     dv = blocks.reshape(segments, group, 2, half, 2, half)
     y = torch.einsum("...sejt,sjetfu->...sfju", xv, dv)
-    return y.reshape(*lead, -1)
+    return y.reshape(*lead, n * b)
 
 
 def butterfly_apply(

@@ -1,0 +1,299 @@
+"""What OFT and BOFT share: orthogonal blocks from the trainable tensor → multiplicative dropout and
+interpolation → the rotation applied on the cheaper side (activations or the rows of W0), and the
+batched per-step computation of many layers' rotations (:func:`share_rotations`).
+
+The rotation is never built as a d×d matrix. Its fp32 operand (R's collapsed diagonal blocks, or the m
+butterfly factors) always comes from :class:`RotationOperands`, alone or batched over layers: a
+function whose backward recomputes the small batched computation, so any number of backward passes —
+reentrant gradient checkpointing's included — may go through it and no cached result is ever stale.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..config import BOFTConfig, OFTConfig
+from ..ops.orthogonal import (
+    apply_dropout_mask, apply_factor, butterfly_apply, butterfly_span, check_butterfly_shape, collapse_butterfly,
+    max_butterfly_factors, multiplicative_dropout_mask, rotate_weight,
+)
+from .base import Adapter, LayerShape, compute_dtype
+
+
+def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_factors: int) -> int:
+    """Resolve b for this layer and check (d, b, m); the error names the layer and values that work."""
+    d = shape.d
+    if config.block_num:
+        if d % config.block_num:
+            good = [k for k in range(1, d + 1) if d % k == 0 and check_butterfly_shape(d, d // k, n_factors) is None]
+            near = min(good, key=lambda k: abs(k - config.block_num))
+            raise ValueError(f"{shape.describe()}: block_num {config.block_num} does not divide width {d}; "
+                             f"use a block_num dividing it (e.g. {near})")
+        b = d // config.block_num
+    else:
+        b = config.block_size
+    problem = check_butterfly_shape(d, b, n_factors)
+    if problem:
+        good = [k for k in range(1, d + 1) if check_butterfly_shape(d, k, n_factors) is None]
+        hint = f"block_size={min(good, key=lambda k: abs(k - b))}" if good else "n_butterfly_factor=1"
+        if b <= d and d % b == 0 and n_factors > max_butterfly_factors(d, b):
+            hint += f" or n_butterfly_factor ≤ {max_butterfly_factors(d, b)}"
+        raise ValueError(f"{shape.describe()}: {problem}; try {hint}")
+    return b
+
+
+# adapter → (rotation operand, state key), filled by share_rotations when an adapted model's forward
+# starts and emptied when it ends (forget_rotations): a layer called outside that forward computes its
+# own. Weak keys: copies of a model and dropped adapters never see or keep another's tensors
+SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakref.WeakKeyDictionary()
+
+# MAC-equivalents per element of one memory-bound pass over activations, per device type (see
+# choose_side): measured on this workplace's 2-core CPU and on an H100 (benchmarks/bench_models.py,
+# where the weight side won on DINOv2-L and SD's UNet: an activation pass there is a handful of
+# permute/copy kernels, a GEMM runs near 800 TFLOP/s)
+PASS_COST = {"cpu": 500, "cuda": 4000}
+COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
+
+
+class OrthogonalAdapter(Adapter):
+    """What OFT and BOFT share: blocks → (dropout, interpolation) → rotation on the cheaper side."""
+
+    rotation_side = "auto"  # "auto" | "input" | "weight" (tests and benchmarks pin a side)
+    raw_axis = 1  # the block axis of the raw parameter (BOFT: (m, N, b, b); OFT: (N, b(b−1)/2) → 0)
+
+    def __init__(self, shape: LayerShape, config, n_factors: int, block_size: int):
+        super().__init__(shape, config)
+        self.n_factors, self.block_size = n_factors, block_size
+        self.block_num = shape.d // block_size
+        self.identity_factors = 0  # butterfly interpolation: leftmost components set to I
+        self.reset_scale = False
+        self.collapse = n_factors > 1 and butterfly_span(block_size, n_factors) <= COLLAPSE_SPAN
+
+    # --- method-specific parametrisation -------------------------------------------------
+    def raw(self) -> torch.Tensor:  # pragma: no cover
+        """The trainable tensor the blocks are computed from."""
+        raise NotImplementedError
+
+    def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """(m, N, b, b) fp32 orthogonal blocks; works on raw tensors of several layers concatenated
+        along ``raw_axis``."""
+        raise NotImplementedError
+
+    def output_scale(self) -> torch.Tensor | None:
+        return None
+
+    # --- shared -------------------------------------------------------------------------
+    def orthogonal_blocks(self) -> torch.Tensor:
+        return self.blocks_from_raw(self.raw())
+
+    def finish_blocks(self, blocks: torch.Tensor, dropout_mask: torch.Tensor | None) -> torch.Tensor:
+        """Apply multiplicative dropout (training) and the interpolation's identity factors."""
+        if dropout_mask is not None:
+            blocks = apply_dropout_mask(blocks, dropout_mask.to(blocks.device))
+        if self.identity_factors:
+            keep = self.n_factors - min(self.identity_factors, self.n_factors)
+            eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
+            blocks = torch.cat([blocks[:keep], eye.expand_as(blocks[keep:])])
+        return blocks
+
+    def dropout_mask(self) -> torch.Tensor | None:
+        if not (self.training and self.config.dropout > 0):
+            return None
+        return multiplicative_dropout_mask(self.n_factors, self.block_num, self.config.dropout)
+
+    def rotation_blocks(self, dropout: bool = True) -> torch.Tensor:
+        """(m, N, b, b) fp32 blocks as the forward uses them; ``dropout=False`` for merging."""
+        return self.finish_blocks(self.orthogonal_blocks(), self.dropout_mask() if dropout else None)
+
+    def operand(self, blocks: torch.Tensor) -> torch.Tensor:
+        """What :meth:`rotate` multiplies by: R's collapsed diagonal blocks, or the m factors."""
+        return collapse_butterfly(blocks) if self.collapse else blocks
+
+    def state_key(self) -> tuple:
+        """Everything a computed rotation depends on besides the module's identity: the parameter object
+        (``load_state_dict(assign=True)`` replaces it), its in-place version, grad and train mode,
+        the interpolation."""
+        raw = self.raw()
+        return (id(raw), raw._version, torch.is_grad_enabled(), self.training, self.identity_factors)
+
+    def batch_key(self) -> tuple:
+        """Adapters with equal keys get their rotations from one batched computation."""
+        return (type(self), id(self.config), self.block_size, self.n_factors, self.collapse, self.training,
+                self.identity_factors, self.raw().dtype, self.raw().device)
+
+    def rotation_operand(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled graph fuses the per-layer kernels itself
+            return self.operand(self.rotation_blocks())
+        shared = SHARED_ROTATIONS.get(self)
+        if shared is not None and shared[1] == self.state_key():
+            return shared[0]
+        return rotation_operands([self])[0]
+
+    def scale(self) -> torch.Tensor | None:
+        return None if self.reset_scale else self.output_scale()
+
+    def choose_side(self, x: torch.Tensor) -> str:
+        """Cheaper side for this call, in multiply-add equivalents.
+
+        A pass of a factor over a (rows × d) tensor is memory-bound: ~PASS_COST MACs per element
+        (measured per device type); factors after the first need two extra reshape passes unless the
+        butterfly is collapsed. The weight side rotates n rows instead of the tokens, but in training it
+        adds a tokens×n×d matmul for the rotated weight's gradient.
+        """
+        if self.shape.is_conv:
+            return "weight"
+        if self.rotation_side != "auto":
+            return self.rotation_side
+        tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
+        cost = PASS_COST.get(x.device.type, PASS_COST["cpu"])
+        passes = cost if self.collapse else cost * (1 + 3 * (self.n_factors - 1))
+        training = torch.is_grad_enabled() and self.raw().requires_grad
+        sweeps = 3 if training else 1  # forward + two backward products
+        input_cost = tokens * d * passes * sweeps
+        weight_cost = n * d * passes * sweeps + (2 * tokens * n * d if training else 0)
+        return "input" if input_cost < weight_cost else "weight"
+
+    def rotate(self, x: torch.Tensor, operand: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``x @ R`` (``x @ Rᵀ``) with the fp32 operand cast to x's dtype: one block product over R's
+        collapsed diagonal blocks when they are narrow (see ``COLLAPSE_SPAN``), else factor by factor."""
+        if self.collapse:
+            return apply_factor(x, (operand.transpose(-1, -2) if transpose else operand).to(x.dtype), 0)
+        return butterfly_apply(x, operand.to(x.dtype), transpose=transpose)
+
+    def rotated_weight(self, base: nn.Module, operand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        weight = self.shape.weight(base).to(dtype)
+        weight = self.rotate(weight.reshape(weight.shape[0], -1), operand, transpose=True).reshape(weight.shape)
+        s = self.scale()
+        if s is not None:
+            weight = weight * s.reshape(-1, *[1] * (weight.dim() - 1)).to(dtype)
+        return weight
+
+    def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        quantized = not base.weight.is_floating_point()  # e.g. bitsandbytes 4-bit: only the input side works
+        dtype = compute_dtype(x, base.weight)
+        operand = self.rotation_operand()
+        x = x if quantized else x.to(dtype)
+        if not quantized and self.choose_side(x) == "weight":
+            bias = None if base.bias is None else base.bias.to(dtype)
+            weight = self.rotated_weight(base, operand, dtype)
+            if self.shape.is_conv:
+                return base._conv_forward(x, weight, bias)
+            return F.linear(x, weight, bias)
+        y = base(self.rotate(x, operand))  # PEFT's order: rotate, base layer, scale w/o bias
+        s = self.scale()
+        if s is None:
+            return y
+        s = s.reshape(-1).to(y.dtype)
+        if base.bias is None:
+            return y * s
+        bias = base.bias.to(y.dtype)
+        return torch.addcmul(bias, y - bias, s)
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """W0 → s ⊙ W0 Rᵀ, never with dropout (whatever the mode)."""
+        operand = self.operand(self.rotation_blocks(dropout=False))
+        self.shape.write_weight(base, self.rotated_weight(base, operand, torch.float32))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """The inverse of :meth:`merge` (R⁻ᵀ by block inverses, the scale divided out), in fp32."""
+        weight = self.shape.weight(base).float()
+        s = self.scale()
+        if s is not None:
+            weight = weight / s.reshape(-1, *[1] * (weight.dim() - 1)).float()
+        self.shape.write_weight(base, rotate_weight(weight, self.rotation_blocks(dropout=False), inverse=True))
+
+    def stored_parameters(self) -> int:
+        """Effective count: b(b−1)/2 free entries per skew block, plus the output scale if any."""
+        b = self.block_size
+        s = self.output_scale()
+        return self.n_factors * self.block_num * b * (b - 1) // 2 + (0 if s is None else s.numel())
+
+
+class RotationOperands(torch.autograd.Function):
+    """``compute(*raws)`` → one fp32 tensor, differentiable in ``raws``, with no graph kept in between.
+
+    Forward runs ``compute`` without autograd; backward runs it again with autograd and differentiates.
+    Nothing is freed by a backward pass, so several backward passes may go through one result: reentrant
+    checkpointing differentiates a recomputed block on its own and the rest of the model afterwards,
+    both reaching the same rotations. The cost is one more (small, batched) forward per backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, compute, *raws):
+        ctx.compute = compute
+        ctx.raws = tuple(r.detach() for r in raws)  # share the parameters' in-place version counters
+        ctx.versions = tuple(r._version for r in raws)
+        return compute(*raws)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        if any(r._version != v for r, v in zip(ctx.raws, ctx.versions)):
+            raise RuntimeError("an OFT/BOFT parameter was modified in place (an optimizer step?) between the "
+                               "forward and the backward that needs it; step after backward")
+        needed = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            leaves = [r.detach().requires_grad_(need) for r, need in zip(ctx.raws, needed)]
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.compute(*leaves), wanted, grad) if wanted else ())
+        return (None, *[next(grads) if need else None for need in needed])
+
+
+def rotation_operands(group: list[OrthogonalAdapter]) -> list[torch.Tensor]:
+    """The rotation operands of adapters with one ``batch_key``: one concatenation of their raw
+    parameters, one batched Cayley transform, dropout, interpolation and collapse, then one split.
+
+    Works because every step is blockwise along the block axis, and a layer's width is a multiple of the
+    collapsed span, so no butterfly segment straddles two layers. fp32 throughout (autocast off).
+    """
+    first = group[0]
+    masks = [a.dropout_mask() for a in group]
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([torch.zeros(a.n_factors, a.block_num, 1, 1) if m is None else m
+                          for a, m in zip(group, masks)], dim=1)
+
+    def compute(*raws: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(raws[0].device.type, enabled=False):
+            raw = raws[0] if len(raws) == 1 else torch.cat(raws, dim=first.raw_axis)
+            return first.operand(first.finish_blocks(first.blocks_from_raw(raw), mask))
+
+    operand = RotationOperands.apply(compute, *[a.raw() for a in group])
+    if len(group) == 1:
+        return [operand]
+    if first.collapse:  # (Σ d/span, span, span)
+        return list(operand.split([a.shape.d // operand.shape[-1] for a in group], dim=0))
+    return list(operand.split([a.block_num for a in group], dim=1))  # (m, Σ N, b, b)
+
+
+def share_rotations(adapters: list[OrthogonalAdapter]) -> None:
+    """Compute the rotation operands of many adapters at once, per group of equal ``batch_key``, and
+    keep them for the layers' calls until :func:`forget_rotations`.
+
+    Replaces a dozen small kernels per layer and step (forward and backward) by a dozen per group:
+    what a step of a large model spends with per-layer 8×8 solves is launch overhead. Each adapter
+    checks the stored state key (parameter object and version, grad mode, train mode) when it is
+    called and computes its own rotation when the key is stale.
+    """
+    if torch.compiler.is_compiling():
+        return
+    groups = defaultdict(list)
+    for adapter in adapters:
+        groups[adapter.batch_key()].append(adapter)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        for adapter, part in zip(group, rotation_operands(group)):
+            SHARED_ROTATIONS[adapter] = (part, adapter.state_key())
+
+
+def forget_rotations(adapters: list[OrthogonalAdapter]) -> None:
+    for adapter in adapters:
+        SHARED_ROTATIONS.pop(adapter, None)
