@@ -52,7 +52,7 @@ core-demo:
 
 # retrain the embedded tiny pipeline (boftvision/assets/tiny-sd) from scratch
 tiny-sd:
-	$(BIN)/python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd
+	$(BIN)/python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd --overwrite_output_dir
 
 test:
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
+from .files import check_regex
+
 TargetModules = Union[str, list[str], None]
 
 # PEFT keys that describe bookkeeping, not the adapter: accepted silently.
@@ -96,6 +98,12 @@ class AdapterConfig:
             _check(_names_or_regex(value) and not (field == "modules_to_save" and isinstance(value, str)),
                    f"{name}: {field} must be a list of module names"
                    f"{'' if field == 'modules_to_save' else ' or a regex string'}, got {value!r}")
+        for field in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, field), str):
+                check_regex(getattr(self, field), f"{name}: {field}")
+        patterns = self.layers_pattern
+        for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+            check_regex(pattern, f"{name}: layers_pattern")
         layers = self.layers_to_transform
         _check(layers is None or _is_int(layers) or (isinstance(layers, list) and all(_is_int(i) for i in layers)),
                f"{name}: layers_to_transform must be a layer index or a list of them, got {layers!r}")

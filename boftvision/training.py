@@ -1,11 +1,13 @@
-"""Plumbing the training scripts share: adapter arguments, optimizer and schedule, checkpoints that
-resume. Checkpoints hold only what training changes (trainable parameters, optimizer, scheduler,
-step, RNG), never the frozen base."""
+"""Plumbing the training scripts share: adapter arguments, optimizer and schedule, output folders that
+never mix two runs, checkpoints that resume. Checkpoints hold only what training changes (trainable
+parameters, optimizer, scheduler, step, RNG), never the frozen base, and only tensors and plain data:
+they load with ``torch.load(weights_only=True)``, so a planted checkpoint cannot run code."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import pickle
 import random
 import re
 import shutil
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, BOFTConfig, LoRAConfig, OFTConfig, VBLoRAConfig
+from .files import atomic_folder
 from .inject import parameter_groups
 
 
@@ -85,13 +88,20 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state as tensors, lists and numbers (what ``weights_only`` loading accepts)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss],
+            "numpy": [name, torch.from_numpy(np_keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -99,15 +109,16 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, step: int,
                     extra: dict | None = None, keep: int | None = None) -> Path:
-    """``folder/checkpoint-{step}/training_state.pt``: trainable parameters (by name), optimizer,
-    scheduler, step, RNG. ``keep`` limits how many checkpoints stay (oldest removed)."""
+    """``folder/checkpoint-{step}/training_state.pt`` + ``state.json``: trainable parameters (by name),
+    optimizer, scheduler, step, RNG. Written into a temporary sibling and renamed, so a kill never
+    leaves a half-written ``checkpoint-{step}``. ``keep`` limits how many stay (oldest removed)."""
     path = Path(folder) / f"checkpoint-{step}"
-    path.mkdir(parents=True, exist_ok=True)
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "step": step, "rng": _rng_state()}, path / "training_state.pt")
-    (path / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    with atomic_folder(path) as tmp:
+        torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "step": step, "rng": _rng_state()}, tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old)
@@ -134,8 +145,16 @@ def resolve_checkpoint(folder: str | Path, resume: str | None) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore what :func:`save_checkpoint` wrote into an identically built model; returns state.json."""
-    state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=False)
+    """Restore what :func:`save_checkpoint` wrote into an identically built model; returns state.json.
+
+    Loads tensors and plain data only (``weights_only=True``): a checkpoint holding any other pickled
+    object is refused before it can run anything."""
+    try:
+        state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain data, which could "
+                         "run code when loaded; refusing it. Checkpoints written by boftvision hold only tensors: "
+                         "delete this one (or resume from another) if you did not make it yourself") from err
     params = dict(model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
     if missing:
@@ -149,6 +168,35 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) ->
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return json.loads((Path(path) / "state.json").read_text())
+
+
+def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: str | None = None,
+                     keep: tuple = ()) -> Path:
+    """Make sure a run never mixes with another one in ``output_dir``.
+
+    An empty or new folder is taken as it is; a folder holding a run (any file besides the ``keep``
+    paths, e.g. a class-image folder the user put inside it) is refused unless this run resumes it
+    (``resume`` given and a checkpoint there) or ``overwrite`` is set, which deletes everything but
+    ``keep`` first. In a multi-process launch every process checks and the main process deletes.
+    """
+    from accelerate import PartialState
+
+    out = Path(output_dir)
+    keep_paths = {Path(k).resolve() for k in keep if k}
+    others = [p for p in out.iterdir() if p.resolve() not in keep_paths] if out.is_dir() else []
+    resuming = resume is not None and (resume != "latest" or bool(list_checkpoints(out)))
+    if others and not resuming and not overwrite:
+        names = sorted(p.name for p in others)
+        raise FileExistsError(f"output_dir {out} holds another run ({', '.join(names[:5])}{' …' if len(names) > 5 else ''}); "
+                              "pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to "
+                              "continue it, or choose another --output_dir")
+    state = PartialState()
+    if others and overwrite and not resuming and state.is_main_process:
+        for p in others:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_loader, epochs: int,

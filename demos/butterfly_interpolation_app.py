@@ -5,11 +5,17 @@ many (0 = the fine-tuned model, m = every component identity, "base" = also the 
 and the gallery shows the whole path from the fine-tuned model to the base model. Every image starts
 from the same noise. Defaults: the embedded tiny pipeline and its bundled "sks shape" adapter.
 
-    python demos/butterfly_interpolation_app.py [--model PATH] [--adapter DIR] [--port 7860]
+The page serves only the models and adapters the app was started with (repeat --model / --adapter to
+offer several): visitors pick them by folder name from a list, never type a path or a hub id, and
+errors reach them without server paths (the details go to the server's log).
+
+    python demos/butterfly_interpolation_app.py [--model PATH ...] [--adapter DIR ...] [--port 7860]
 """
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 import gradio as gr
 import torch
@@ -18,17 +24,37 @@ from PIL import Image
 from boftvision.generate import generate, interpolation_path, path_length, set_identity_components
 from boftvision.integrations.diffusers import EMBEDDED, EMBEDDED_ADAPTER, attach_adapters, load_pipeline
 
+log = logging.getLogger(__name__)
 _PIPELINES: dict[tuple[str, str], object] = {}  # (model, adapter) → pipeline, loaded once
+MODELS: dict[str, str] = {}  # label shown on the page → model path or hub id (set by build)
+ADAPTERS: dict[str, str] = {}  # label → adapter folder
 
 
-def pipeline(model: str, adapter: str):
-    key = (model, adapter)
+def labelled(paths: list[str]) -> dict[str, str]:
+    """Label each path by its last component (numbered when two share one): the page shows labels only."""
+    out = {}
+    for path in paths:
+        name = Path(path).name or "model"
+        out[name if name not in out else f"{name} ({len(out) + 1})"] = path
+    return out
+
+
+def pipeline(model_label: str, adapter_label: str):
+    """The pipeline for two labels from the start-up lists; anything else is refused."""
+    if model_label not in MODELS or adapter_label not in ADAPTERS:
+        raise gr.Error("unknown model or adapter: pick one from the lists")
+    key = (MODELS[model_label], ADAPTERS[adapter_label])
     if key not in _PIPELINES:
         _PIPELINES.clear()  # one pipeline in memory at a time
-        pipe = load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu")
-        attach_adapters(pipe, adapter)
+        try:
+            pipe = load_pipeline(key[0], device="cuda" if torch.cuda.is_available() else "cpu")
+            attach_adapters(pipe, key[1])
+        except Exception as err:  # the details (paths) stay in the server's log
+            log.exception("loading %s + %s failed", *key)
+            raise gr.Error(f"could not load {model_label} with {adapter_label} ({type(err).__name__}); "
+                           "see the server's log") from None
         if path_length(pipe) == 0:
-            raise gr.Error(f"{adapter} holds no BOFT/OFT adapter: interpolation needs butterfly components")
+            raise gr.Error(f"{adapter_label} holds no BOFT/OFT adapter: interpolation needs butterfly components")
         _PIPELINES[key] = pipe
     return _PIPELINES[key]
 
@@ -51,15 +77,20 @@ def path_gallery(model: str, adapter: str, prompt: str, seed: int, steps: int):
     return [(image.resize((256, 256), Image.NEAREST), label) for label, image in path]
 
 
-def build(model: str = str(EMBEDDED), adapter: str = str(EMBEDDED_ADAPTER)) -> gr.Blocks:
+def build(models: str | list[str] = str(EMBEDDED), adapters: str | list[str] = str(EMBEDDED_ADAPTER)) -> gr.Blocks:
+    """The app over the given models and adapters (paths or hub ids, the first of each shown first)."""
+    MODELS.clear(), ADAPTERS.clear()
+    MODELS.update(labelled([models] if isinstance(models, str) else list(models)))
+    ADAPTERS.update(labelled([adapters] if isinstance(adapters, str) else list(adapters)))
+    model, adapter = next(iter(MODELS)), next(iter(ADAPTERS))
     m = path_length(pipeline(model, adapter))
     with gr.Blocks(title="BOFT butterfly interpolation") as demo:
         gr.Markdown("# Butterfly weight interpolation\nSet butterfly components of a trained BOFT adapter to "
                     f"identity one by one. Slider: 0 = fine-tuned, {m} = all {m} components identity, "
                     f"{m + 1} = base model (output scale reset too).")
         with gr.Row():
-            model_box = gr.Textbox(model, label="model (diffusers folder or hub id)")
-            adapter_box = gr.Textbox(adapter, label="adapter directory")
+            model_box = gr.Dropdown(list(MODELS), value=model, label="model")
+            adapter_box = gr.Dropdown(list(ADAPTERS), value=adapter, label="adapter")
         with gr.Row():
             prompt = gr.Textbox("a photo of sks shape", label="prompt")
             seed = gr.Number(0, label="seed", precision=0)
@@ -80,9 +111,13 @@ def build(model: str = str(EMBEDDED), adapter: str = str(EMBEDDED_ADAPTER)) -> g
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(EMBEDDED))
-    parser.add_argument("--adapter", default=str(EMBEDDED_ADAPTER))
+    parser.add_argument("--model", action="append", help="a diffusers folder or hub id; repeat to offer several "
+                                                          "(default: the embedded tiny pipeline)")
+    parser.add_argument("--adapter", action="append", help="an adapter folder; repeat to offer several "
+                                                            "(default: the bundled sks-shape adapter)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--share", action="store_true", help="a public link: anyone with it can use this server")
     args = parser.parse_args()
-    build(args.model, args.adapter).launch(server_port=args.port, share=args.share)
+    logging.basicConfig(level=logging.INFO)
+    build(args.model or [str(EMBEDDED)], args.adapter or [str(EMBEDDED_ADAPTER)]).launch(
+        server_port=args.port, share=args.share, show_error=True)

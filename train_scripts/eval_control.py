@@ -67,6 +67,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=str(EMBEDDED))
     p.add_argument("--adapter", required=True, help="output_dir of train_controlnet_boft.py")
     p.add_argument("--data_dir", required=True, help="test triplets: folder with metadata.jsonl")
+    p.add_argument("--allow_paths_outside_data_dir", action="store_true",
+                   help="let metadata.jsonl name files outside --data_dir (absolute or ../ paths)")
     p.add_argument("--control_type", choices=["mask", "landmarks"], default="mask")
     p.add_argument("--num_images", type=int, default=None, help="first N triplets (default: all)")
     p.add_argument("--steps", type=int, default=25)
@@ -76,7 +78,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows = read_metadata(args.data_dir)[:args.num_images]
+    rows = read_metadata(args.data_dir, allow_outside=args.allow_paths_outside_data_dir)[:args.num_images]
     detect = face_alignment_detector(args.device) if args.control_type == "landmarks" else None
     pipe = load_pipeline(args.model, device=args.device)
     if "unet" in adapter_parts_or_none(args.adapter):

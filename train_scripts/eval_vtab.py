@@ -25,6 +25,8 @@ def main(argv=None) -> float:
     p.add_argument("--timm_checkpoint", default=None)
     p.add_argument("--run_dir", required=True)
     p.add_argument("--data_root", required=True)
+    p.add_argument("--allow_paths_outside_data_dir", action="store_true",
+                   help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
     p.add_argument("--task", default=None, help="default: the task in run_dir/result.json")
     p.add_argument("--split", default="test")
     p.add_argument("--num_classes", type=int, default=None)
@@ -34,7 +36,8 @@ def main(argv=None) -> float:
     run_dir = Path(args.run_dir)
     task = args.task or json.loads((run_dir / "result.json").read_text())["task"]
 
-    dataset = VTABDataset(args.data_root, task, args.split, args.image_size, args.num_classes)
+    dataset = VTABDataset(args.data_root, task, args.split, args.image_size, args.num_classes,
+                          allow_outside=args.allow_paths_outside_data_dir)
     head = load_file(str(run_dir / "head.safetensors"))
     model = Dinov2Classifier(load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint),
                              head["weight"].shape[0])

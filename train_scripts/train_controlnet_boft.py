@@ -32,6 +32,7 @@ from boftvision.integrations.diffusers import (
     lr_scheduler_from_args,
 )
 from boftvision.training import (
+    claim_output_dir,
     accelerator_from_args, add_adapter_arguments, adapter_config_from_args, list_checkpoints, make_optimizer,
     train_steps,
 )
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED))
     p.add_argument("--train_data_dir", help="folder with metadata.jsonl")
+    p.add_argument("--allow_paths_outside_data_dir", action="store_true",
+                   help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
     p.add_argument("--dataset_name", help="a datasets hub name (online), e.g. oftverse/control-celeba-hq")
     p.add_argument("--image_column", default="image")
     p.add_argument("--conditioning_image_column", default="conditioning_image")
@@ -68,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none")
     add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
     args = p.parse_args(argv)
@@ -82,7 +87,8 @@ def load_data(args, tokenizer, size: int):
     if args.train_data_dir:
         return ControlDataset(args.train_data_dir, tokenizer, size, image_column=args.image_column,
                               conditioning_image_column=args.conditioning_image_column,
-                              caption_column=args.caption_column)
+                              caption_column=args.caption_column,
+                              allow_outside=args.allow_paths_outside_data_dir)
     from datasets import load_dataset  # online only
 
     from boftvision.data.dreambooth import tokenize
@@ -126,6 +132,8 @@ def validate(args, accelerator, pipe, unet, encoder, size: int, step: int) -> Pa
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                     keep=(args.train_data_dir,))
     out = Path(args.output_dir)
     accelerator = accelerator_from_args(args)
     set_seed(args.seed)

@@ -41,6 +41,7 @@ from boftvision.integrations.diffusers import (
     lr_scheduler_from_args,
 )
 from boftvision.training import (
+    claim_output_dir,
     accelerator_from_args, add_adapter_arguments, adapter_config_from_args, list_checkpoints, make_optimizer,
     train_steps,
 )
@@ -87,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, … (accelerate trackers)")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.1})
@@ -150,6 +153,8 @@ def validate(args, accelerator, pipe, unet, text_encoder, step: int) -> Path:
 # --- training --------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                     keep=(args.instance_data_dir, args.class_data_dir))
     out = Path(args.output_dir)
     accelerator = accelerator_from_args(args)
     set_seed(args.seed)

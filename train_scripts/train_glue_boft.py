@@ -26,6 +26,7 @@ from boftvision.data.text import GLUE_MAIN_METRIC, GLUE_TASKS, load_glue, read_r
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
+    claim_output_dir,
     add_adapter_arguments, adapter_config_from_args, make_optimizer, prepare_epochs, save_checkpoint, seed_everything,
 )
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--output_dir", default="outputs/glue")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, allow_none=True)
@@ -160,6 +163,8 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                     keep=(args.train_file, args.validation_file))
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     data = load_data(args)
     out = Path(args.output_dir)

@@ -27,6 +27,7 @@ from boftvision.integrations.sam import (
     logits_to_original, scores_table, segmentation_loss,
 )
 from boftvision.training import (
+    claim_output_dir,
     add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
     resolve_checkpoint, save_checkpoint, seed_everything,
 )
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output_dir", default="outputs/hqseg")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.005})
@@ -76,6 +79,8 @@ def prompt_for(sam, mask: np.ndarray, rng: np.random.Generator) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                     keep=(args.data_root, args.cache_dir))
     seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     sam = build(args)

@@ -26,6 +26,7 @@ import boftvision as bv
 from boftvision.data.text import read_rows
 from boftvision.integrations.language import add_task_adapter
 from boftvision.training import (
+    claim_output_dir,
     add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
     resolve_checkpoint, save_checkpoint, seed_everything,
 )
@@ -69,6 +70,7 @@ def load_model(args):
 
 
 def train(args) -> dict:
+    claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, keep=(args.train_file,))
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     seed_everything(args.seed)
@@ -156,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load_in_4bit", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/lm")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None)

@@ -4,7 +4,7 @@ generated coloured shapes: first the VAE (reconstruction + a small KL), then the
 encoder. Deterministic for a seed; writes the pipeline in diffusers' layout plus
 boftvision_training.json (command, seed, steps, losses) and a sample grid.
 
-    python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd
+    python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd --overwrite_output_dir
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from boftvision.data.shapes import COLOURS, SHAPES, WORDS, base_example
 from boftvision.integrations.diffusers import TINY, image_grid, pipeline_from_components, tiny_components
-from boftvision.training import cosine_with_warmup, seed_everything
+from boftvision.training import claim_output_dir, cosine_with_warmup, seed_everything
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -39,16 +39,24 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="boftvision/assets/tiny-sd")
+    p.add_argument("--output_dir", default="outputs/tiny-sd",
+                   help="the embedded copy is boftvision/assets/tiny-sd: replace it only on purpose "
+                        "(make tiny-sd, which passes --overwrite_output_dir)")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--vae_batch_size", type=int, default=16)
     p.add_argument("--unet_steps", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    claim_output_dir(args.output_dir, args.overwrite_output_dir)
     seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     parts = tiny_components(WORDS, args.seed)

@@ -29,6 +29,7 @@ from boftvision.data.vtab import GROUPS, TASKS, VTABDataset
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
 from boftvision.training import (
+    claim_output_dir,
     add_adapter_arguments, adapter_config_from_args, make_optimizer, prepare_epochs, save_checkpoint, seed_everything,
 )
 
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
     p.add_argument("--timm_checkpoint", default=None)
     p.add_argument("--data_root", required=True)
+    p.add_argument("--allow_paths_outside_data_dir", action="store_true",
+                   help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
     p.add_argument("--tasks", nargs="+", default=["all"])
     p.add_argument("--num_classes", type=int, default=None, help="for task folders outside the 19")
     p.add_argument("--targets", choices=sorted(PRESETS), default="all_linear")
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--output_dir", default="outputs/vtab")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--checkpointing_epochs", type=int, default=1)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
@@ -75,8 +80,10 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
         run_dir: Path) -> dict:
     """Train one (task, seed, lr) and return its final-epoch accuracy on ``eval_split``."""
     seed_everything(seed)
-    train_set = VTABDataset(args.data_root, task, train_split, args.image_size, args.num_classes)
-    eval_set = VTABDataset(args.data_root, task, eval_split, args.image_size, args.num_classes)
+    train_set = VTABDataset(args.data_root, task, train_split, args.image_size, args.num_classes,
+                            allow_outside=args.allow_paths_outside_data_dir)
+    eval_set = VTABDataset(args.data_root, task, eval_split, args.image_size, args.num_classes,
+                           allow_outside=args.allow_paths_outside_data_dir)
     model = build_model(args, train_set.num_classes)
     params = bv.count_parameters(model.backbone)
     optimizer = make_optimizer(model, args, lr, args.weight_decay)
@@ -148,6 +155,8 @@ def markdown_table(results: list[dict], params: int) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                     keep=(args.data_root,))
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
     if args.report_to:
         accelerator.init_trackers("vtab", config={k: str(v) for k, v in vars(args).items()})

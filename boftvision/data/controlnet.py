@@ -11,12 +11,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..files import inside_root, regular_file
 from .dreambooth import tokenize
 
 
 def read_metadata(folder: str | Path, image_column: str = "image",
-                  conditioning_image_column: str = "conditioning_image", caption_column: str = "text") -> list[dict]:
-    """Rows of ``folder/metadata.jsonl`` with file paths resolved and checked (clear errors)."""
+                  conditioning_image_column: str = "conditioning_image", caption_column: str = "text",
+                  allow_outside: bool = False) -> list[dict]:
+    """Rows of ``folder/metadata.jsonl`` with file paths resolved and checked (clear errors): regular
+    files inside ``folder`` only, unless ``allow_outside``."""
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
@@ -33,10 +36,11 @@ def read_metadata(folder: str | Path, image_column: str = "image",
                                  "names with --image_column/--conditioning_image_column/--caption_column")
         paths = {}
         for column in (image_column, conditioning_image_column):
-            path = folder / row[column]
-            if not path.is_file():
-                raise FileNotFoundError(f"{meta} line {n}: {column} file {path} is missing")
-            paths[column] = path
+            where = f"{meta} line {n}: {column}"
+            path = inside_root(folder, str(row[column]), where, allow_outside)
+            if not path.exists():
+                raise FileNotFoundError(f"{where} file {path} is missing")
+            paths[column] = regular_file(path, where)
         with Image.open(paths[image_column]) as a, Image.open(paths[conditioning_image_column]) as b:
             if a.size != b.size:
                 raise ValueError(f"{meta} line {n}: image {paths[image_column].name} is {a.size[0]}×{a.size[1]} "
@@ -57,8 +61,8 @@ def to_tensor(image: Image.Image, size: int, signed: bool) -> torch.Tensor:
 
 
 class ControlDataset(Dataset):
-    def __init__(self, folder, tokenizer, size: int, **columns):
-        self.rows, self.tokenizer, self.size = read_metadata(folder, **columns), tokenizer, size
+    def __init__(self, folder, tokenizer, size: int, **options):
+        self.rows, self.tokenizer, self.size = read_metadata(folder, **options), tokenizer, size
 
     def __len__(self) -> int:
         return len(self.rows)

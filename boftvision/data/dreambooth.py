@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..files import is_regular_file
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -17,7 +19,12 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} {folder} does not exist")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    named = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = [p for p in named if is_regular_file(p)]  # a folder or FIFO named x.png is not an image
+    if len(images) < len(named):
+        skipped = [p.name for p in named if p not in images]
+        warnings.warn(f"{what} {folder}: skipping {skipped[:5]}, not regular files (folders, FIFOs, devices)",
+                      stacklevel=2)
     if not images:
         raise ValueError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put the "
                          "subject's photos there")

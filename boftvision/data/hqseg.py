@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import is_regular_file
+
 # name → (image dir, mask dir) relative to the data root, as HQ-SAM's training script uses them
 TRAIN_SETS = {
     "DIS5K-TR": ("DIS5K/DIS-TR/im", "DIS5K/DIS-TR/gt"),
@@ -35,9 +37,9 @@ def find_pairs(image_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, 
     for d in (image_dir, mask_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"{d} not found; HQSeg-44K folders go under the data root as HQ-SAM lays them out")
-    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in MASK_EXT}
-    pairs, unpaired = [], []
-    for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXT):
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in MASK_EXT and is_regular_file(p)}
+    pairs, unpaired = [], []  # regular files only: a folder or FIFO named x.jpg is not an image
+    for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXT and is_regular_file(p)):
         (pairs.append((image, masks[image.stem])) if image.stem in masks else unpaired.append(image.name))
     if unpaired:
         raise FileNotFoundError(f"{len(unpaired)} image(s) in {image_dir} have no mask in {mask_dir} "

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..files import inside_root, regular_file
+
 TASKS = {  # task folder → number of classes
     "cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,
     "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5,
@@ -41,7 +43,7 @@ class VTABDataset(Dataset):
     """One split of one task; every listed file and label is checked when the dataset is built."""
 
     def __init__(self, root: str | Path, task: str, split: str, image_size: int = 224,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, allow_outside: bool = False):
         if split not in SPLITS:
             raise ValueError(f"unknown VTAB split {split!r}; use one of {SPLITS}")
         folder = Path(root) / task
@@ -59,9 +61,10 @@ class VTABDataset(Dataset):
             if not line.strip():
                 continue
             rel, label = line.rsplit(maxsplit=1)
-            path, label = folder / rel, int(label)
-            if not path.is_file():
+            path, label = inside_root(folder, rel, f"{listing}:{lineno}", allow_outside), int(label)
+            if not path.exists():
                 raise FileNotFoundError(f"{listing}:{lineno} names {rel}, which does not exist in {folder}")
+            regular_file(path, f"{listing}:{lineno}")
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"{listing}:{lineno}: label {label} is outside [0, {self.num_classes}) for {task}")
             self.samples.append((path, label))
