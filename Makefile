@@ -6,7 +6,7 @@ DB_LR ?= 1e-3
 DB_STEPS ?= 400
 DB_TARGETS ?= attention
 
-.PHONY: all setup browser demo control-demo core-demo tiny-sd test test-all bench expressiveness clean
+.PHONY: all setup browser demo control-demo core-demo tiny-sd lint test test-all bench expressiveness clean
 
 all: setup demo
 
@@ -53,6 +53,9 @@ core-demo:
 # retrain the embedded tiny pipeline (boftvision/assets/tiny-sd) from scratch
 tiny-sd:
 	$(BIN)/python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd --overwrite_output_dir
+
+lint:
+	$(BIN)/ruff check .
 
 test:
 	$(BIN)/python -m pytest -q

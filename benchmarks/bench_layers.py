@@ -108,8 +108,8 @@ def main() -> None:
         candidates = [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets, width)))
                       for k in OUR_CONFIGS]
         if not args.no_peft:
-            from peft_reference import peft_model
             import peft
+            from peft_reference import peft_model
 
             for k, make in peft_configs().items():
                 cfg = make(targets, width)

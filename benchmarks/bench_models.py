@@ -19,8 +19,8 @@ import argparse
 import copy
 import gc
 import statistics
-import time
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -32,7 +32,8 @@ from boftvision.inject import find_targets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DINO_TARGETS = r".*\.(attention\.(q_proj|k_proj|v_proj|o_proj|attention\.(query|key|value)|output\.dense)|mlp\.(fc1|fc2))"
+DINO_TARGETS = (r".*\.(attention\.(q_proj|k_proj|v_proj|o_proj|attention\.(query|key|value)|output\.dense)"
+                r"|mlp\.(fc1|fc2))")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -90,7 +91,8 @@ def llama_1b(batch: int, tiny: bool = False, seq: int = 2048):
 
 
 MODELS = {
-    "sd15": lambda tiny: [("SD 1.5 UNet, batch 1", *sd15_unet(1, tiny)), ("SD 1.5 UNet, batch 4", *sd15_unet(4, tiny))],
+    "sd15": lambda tiny: [("SD 1.5 UNet, batch 1", *sd15_unet(1, tiny)),
+                          ("SD 1.5 UNet, batch 4", *sd15_unet(4, tiny))],
     "dinov2l": lambda tiny: [("DINOv2-L, batch 64", *dinov2_large(64 if not tiny else 4, tiny))],
     "llama1b": lambda tiny: [("Llama 1B, seq 2048", *llama_1b(1, tiny, 2048 if not tiny else 64))],
 }
@@ -179,7 +181,8 @@ def time_steps(model, inputs, loss_fn, device, dtype, iters, warmup, train=True)
 
 def profile(model, inputs, loss_fn, device, dtype):
     """Top kernels of three training steps (self device time)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch_profile(activities=activities) as prof:
@@ -224,13 +227,13 @@ def main() -> None:
             frozen, frozen_peak = time_steps(base, inputs, loss_fn, device, dtype, args.iters, args.warmup)
             rows = [("frozen base", frozen, frozen_peak)]
             configs = our_configs(targets, vector_length(base, targets))
-            builders = {k: (lambda c=c: bv.add_adapter(copy.deepcopy(base), c)) for k, c in configs.items()}
+            builders = {k: (lambda c=c, base=base: bv.add_adapter(copy.deepcopy(base), c)) for k, c in configs.items()}
             if not args.no_peft:
                 import peft
 
-                builders.update({k: (lambda c=c: peft.get_peft_model(copy.deepcopy(base), c))
+                builders.update({k: (lambda c=c, base=base: peft.get_peft_model(copy.deepcopy(base), c))
                                  for k, c in peft_configs(targets).items()})
-                builders["PEFT BOFT m=2 b=8, true m forced"] = lambda: peft_true_m(base, targets)
+                builders["PEFT BOFT m=2 b=8, true m forced"] = lambda base=base: peft_true_m(base, targets)
             if args.compile:
                 for k in ("ours LoRA r=16", "ours BOFT m=2 b=8"):
                     builders[k + " compiled"] = lambda k=k: torch.compile(builders[k]())
@@ -263,10 +266,12 @@ def main() -> None:
             merged_inf, _ = time_steps(merged, inputs, loss_fn, device, dtype, args.iters, args.warmup, train=False)
             del merged
             free(device)
-            lines.append(f"\n### {title}\n\n| variant | step ms | × frozen | × ours LoRA | PEFT BOFT ÷ this | peak GiB |")
+            lines.append(f"\n### {title}\n\n"
+                         "| variant | step ms | × frozen | × ours LoRA | PEFT BOFT ÷ this | peak GiB |")
             lines.append("|---|---|---|---|---|---|")
             for label, ms, peak in rows:
-                lines.append(f"| {label} | {ms:.1f} | {ms / frozen:.2f} | {ms / lora:.2f} | {peft_boft / ms:.2f} | {peak:.2f} |")
+                lines.append(f"| {label} | {ms:.1f} | {ms / frozen:.2f} | {ms / lora:.2f} | {peft_boft / ms:.2f} "
+                             f"| {peak:.2f} |")
             lines.append(f"| base inference (no grad) | {base_inf:.1f} | | | | |")
             lines.append(f"| ours BOFT m=2 b=8 merged, inference (merge took {merge_ms:.0f} ms) | {merged_inf:.1f} | "
                          f"{merged_inf / base_inf:.2f} × base inference | | | |")

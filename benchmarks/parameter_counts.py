@@ -89,7 +89,8 @@ def language_rows() -> list[str]:
     for label, config, paper in DEBERTA_V3_BASE:
         config.target_modules = LM["deberta-v2"]["all_linear"]
         trainable, stored, convention = count(deberta_v3_base, config)
-        rows.append(f"| {label} | {trainable:,} | {stored:,} | {convention:,} ({convention / 1e6:.2f}M) | {paper:.2f}M |")
+        rows.append(f"| {label} | {trainable:,} | {stored:,} | {convention:,} ({convention / 1e6:.2f}M) "
+                    f"| {paper:.2f}M |")
     h, b, r = 90, 256, 4
     config = bv.VBLoRAConfig(r=r, num_vectors=h, vector_length=b, topk=2, target_modules=LM["roberta"]["all_linear"])
     trainable, stored, _ = count(roberta_large, config)
@@ -112,7 +113,8 @@ SAM_PAPER = [  # BOFT paper, SAM on HQSeg-44K (ViT-H's mask decoder)
 
 
 def sam_rows() -> list[str]:
-    from boftvision.integrations.sam import PRESETS as SAM, sam_mask_decoder
+    from boftvision.integrations.sam import PRESETS as SAM
+    from boftvision.integrations.sam import sam_mask_decoder
 
     rows = ["## SAM ViT-H mask decoder, HQSeg-44K (BOFT paper)", "",
             "The decoder is the same for every SAM size (width 256, two two-way blocks, MLP 2048, 8 heads; "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from .files import check_regex
@@ -59,6 +59,12 @@ def _check_float(config, name: str, low: float | None = None, high: float | None
     _check(ok, f"{type(config).__name__}: {name} must be a number{where}, got {value!r}")
 
 
+def option(default, help: str):
+    """A hyperparameter a training script exposes as ``--<method>_<name>`` (see
+    :func:`boftvision.training.add_adapter_arguments`), with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
 def _names_or_regex(value) -> bool:
     return value is None or isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(v, str) for v in value))
@@ -88,19 +94,21 @@ class AdapterConfig:
     PEFT_UNSUPPORTED: ClassVar[dict[str, Any]] = {}
     # method-specific PEFT keys with no effect on the adapter's math (accepted silently)
     PEFT_BOOKKEEPING: ClassVar[set[str]] = set()
+    # defaults of the scripts' flags where they differ from the dataclass's (the published recipes)
+    CLI_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            value = getattr(self, field)
+        for key in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, key)
             if isinstance(value, (set, tuple)):
-                setattr(self, field, value := sorted(value))
-            _check(_names_or_regex(value) and not (field == "modules_to_save" and isinstance(value, str)),
-                   f"{name}: {field} must be a list of module names"
-                   f"{'' if field == 'modules_to_save' else ' or a regex string'}, got {value!r}")
-        for field in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, field), str):
-                check_regex(getattr(self, field), f"{name}: {field}")
+                setattr(self, key, value := sorted(value))
+            _check(_names_or_regex(value) and not (key == "modules_to_save" and isinstance(value, str)),
+                   f"{name}: {key} must be a list of module names"
+                   f"{'' if key == 'modules_to_save' else ' or a regex string'}, got {value!r}")
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, key), str):
+                check_regex(getattr(self, key), f"{name}: {key}")
         patterns = self.layers_pattern
         for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
             check_regex(pattern, f"{name}: layers_pattern")
@@ -161,9 +169,9 @@ class AdapterConfig:
 class LoRAConfig(AdapterConfig):
     """LoRA: ``W = W0 + (alpha/r)·B A``; B zero-initialised (identity at start)."""
 
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
+    r: int = option(8, "rank r of the update B·A")
+    alpha: float = option(8, "scale numerator: ΔW = (alpha/r)·B·A")
+    dropout: float = option(0.0, "dropout on the LoRA branch's input")
 
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
@@ -192,14 +200,14 @@ class VBLoRAConfig(AdapterConfig):
     bank, 1e-2 for the logits (see :func:`boftvision.parameter_groups`).
     """
 
-    r: int = 4
-    num_vectors: int = 256
-    vector_length: int = 256
-    topk: int = 2
-    dropout: float = 0.0
-    init_vector_bank_bound: float = 0.02
-    init_logits_std: float = 0.1
-    save_only_topk_weights: bool = False
+    r: int = option(4, "rank r of the assembled factors")
+    num_vectors: int = option(256, "vectors in the shared bank (h)")
+    vector_length: int = option(256, "length of each bank vector; divides every adapted width")
+    topk: int = option(2, "bank vectors mixed per sub-vector (k)")
+    dropout: float = option(0.0, "dropout on the branch's input")
+    init_vector_bank_bound: float = option(0.02, "bank initialised uniform in ±bound")
+    init_logits_std: float = option(0.1, "std of the initial mixture logits")
+    save_only_topk_weights: bool = option(False, "save only the top-k indices and weights (inference-only file)")
 
     method: ClassVar[str] = "vblora"
     peft_type: ClassVar[str] = "VBLORA"
@@ -209,7 +217,8 @@ class VBLoRAConfig(AdapterConfig):
         for name in ("r", "num_vectors", "vector_length", "topk"):
             _check_int(self, name, 1)
         _check(self.topk <= self.num_vectors,
-               f"VBLoRAConfig: topk={self.topk} exceeds num_vectors={self.num_vectors}; use topk ≤ num_vectors (paper: 2)")
+               f"VBLoRAConfig: topk={self.topk} exceeds num_vectors={self.num_vectors}; use topk ≤ num_vectors "
+               "(paper: 2)")
         _check_float(self, "dropout", 0.0, 1.0)
         _check_float(self, "init_vector_bank_bound", 0.0)
         _check_float(self, "init_logits_std", 0.0)
@@ -221,8 +230,8 @@ class VBLoRAConfig(AdapterConfig):
 class _BlockConfig(AdapterConfig):
     """Shared by OFT and BOFT: give exactly one of ``block_size`` (b) or ``block_num`` (N = d / b)."""
 
-    block_size: int = 0
-    block_num: int = 0
+    block_size: int = option(0, "size b of each orthogonal block (divides every adapted width)")
+    block_num: int = option(0, "number of blocks N per layer, instead of block_size (b = d/N)")
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -241,11 +250,13 @@ class OFTConfig(_BlockConfig):
     ``dropout`` is BOFT's multiplicative dropout over blocks.
     """
 
-    use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
-    dropout: float = 0.0
+    use_cayley_neumann: bool = option(True, "truncated Neumann series instead of the exact Cayley solve (PEFT's "
+                                            "default; not exactly orthogonal)")
+    num_cayley_neumann_terms: int = option(5, "terms of the Neumann series")
+    dropout: float = option(0.0, "multiplicative dropout: a share of blocks set to the identity per step")
 
     method: ClassVar[str] = "oft"
+    CLI_DEFAULTS: ClassVar[dict[str, Any]] = {"block_size": 16, "use_cayley_neumann": False, "dropout": 0.1}
     peft_type: ClassVar[str] = "OFT"
     PEFT_NAMES: ClassVar[dict[str, str]] = {
         "block_size": "oft_block_size", "block_num": "r", "dropout": "module_dropout",
@@ -265,10 +276,11 @@ class BOFTConfig(_BlockConfig):
     """BOFT: R = product of ``n_butterfly_factor`` butterfly components of b×b Cayley blocks, plus a
     learnable output scale. ``dropout`` is the paper's multiplicative dropout."""
 
-    n_butterfly_factor: int = 1
-    dropout: float = 0.0
+    n_butterfly_factor: int = option(1, "butterfly factors m (1 = OFT); b·2^(m−1) divides every adapted width")
+    dropout: float = option(0.0, "multiplicative dropout: a share of blocks set to the identity per step")
 
     method: ClassVar[str] = "boft"
+    CLI_DEFAULTS: ClassVar[dict[str, Any]] = {"block_size": 8, "n_butterfly_factor": 2, "dropout": 0.1}
     peft_type: ClassVar[str] = "BOFT"
     PEFT_NAMES: ClassVar[dict[str, str]] = {
         "block_size": "boft_block_size", "block_num": "boft_block_num",
@@ -282,20 +294,3 @@ class BOFTConfig(_BlockConfig):
         if self.n_butterfly_factor > 1 and self.block_size:
             _check(self.block_size % 2 == 0,
                    f"BOFTConfig: block_size must be even when n_butterfly_factor > 1, got {self.block_size}")
-
-
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    c.peft_type: c for c in (LoRAConfig, VBLoRAConfig, OFTConfig, BOFTConfig)
-}
-
-
-def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
-    """Build the right config from a PEFT/boftvision ``adapter_config.json`` dict."""
-    peft_type = data.get("peft_type", "")
-    peft_type = str(getattr(peft_type, "value", peft_type)).upper()  # PEFT's enum or its JSON string
-    if peft_type not in CONFIG_CLASSES:
-        raise ValueError(
-            f"adapter config has peft_type={data.get('peft_type')!r}; boftvision reads "
-            f"{sorted(CONFIG_CLASSES)}"
-        )
-    return CONFIG_CLASSES[peft_type].from_dict(data)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import VBLoRA
 from .inject import adapted_layers
 
 
@@ -41,9 +40,9 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             continue
         adapter = layer.adapters[layer.active]
         stored += adapter.stored_parameters()
-    banks = _unique(layer.adapters[layer.active].vblora_vector_bank for _, layer in adapted_layers(model)
-                    if layer.active is not None and isinstance(layer.adapters[layer.active], VBLoRA))
-    stored += sum(b.numel() for b in banks)
+    shared = _unique(t for _, layer in adapted_layers(model) if layer.active is not None
+                     for t in layer.adapters[layer.active].shared_state().values())  # VB-LoRA's bank, once
+    stored += sum(t.numel() for t in shared)
     stored += sum(p.numel() for p in all_params if p.requires_grad and id(p) not in adapter_params)
     return ParameterCount(trainable, stored, sum(p.numel() for p in all_params))
 

@@ -47,6 +47,7 @@ def atomic_folder(path: str | os.PathLike, owns: set[str] | None = None) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
         if shared:
             for f in sorted(tmp.iterdir()):
                 os.replace(f, path / f.name)
@@ -58,9 +59,31 @@ def atomic_folder(path: str | os.PathLike, owns: set[str] | None = None) -> Iter
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk, so a rename never exposes unwritten bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without O_RDONLY on folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(folder)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -71,6 +94,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

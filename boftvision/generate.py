@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 from .inject import adapter_configs, disable_adapter
-from .integrations.diffusers import EMBEDDED, ControlEncoder, attach_adapters, control_signal, image_grid, load_pipeline
+from .integrations.diffusers import (
+    EMBEDDED,
+    ControlEncoder,
+    attach_adapters,
+    control_signal,
+    export_merged,
+    image_grid,
+    load_pipeline,
+)
 from .interpolate import butterfly_interpolation, num_butterfly_components
 
 
@@ -121,8 +129,11 @@ def labelled_grid(path, cols: int | None = None):
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(EMBEDDED), help="diffusers pipeline folder or hub id")
-    p.add_argument("--adapter", help="train_dreambooth_boft.py's output_dir (unet/ [+ text_encoder/])")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--adapter", help="train_dreambooth_boft.py's output_dir (unet/ [+ text_encoder/]), or a "
+                                     "diffusers/kohya LoRA .safetensors file")
+    p.add_argument("--prompt", help="what to draw (needed unless --export)")
+    p.add_argument("--export", metavar="DIR", help="instead of images: write model + adapter merged as a "
+                   "plain pipeline folder (StableDiffusionPipeline.from_pretrained loads it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -132,12 +143,20 @@ def main(argv=None) -> Path:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="generated.png")
     args = p.parse_args(argv)
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    if args.export and not args.adapter:
+        p.error("--export needs --adapter (what to merge into --model)")
+    if not (args.prompt or args.export):
+        p.error("give --prompt (or --export DIR)")
+    dtype = torch.float16 if args.device == "cuda" and not args.export else torch.float32
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         attach_adapters(pipe, args.adapter)
     elif args.interpolate:
         p.error("--interpolate needs --adapter")
+    if args.export:
+        export_merged(pipe, args.export)
+        print(f"wrote {args.export}")
+        return Path(args.export)
     control = None
     if args.control:
         if not args.adapter:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .adapters import ADAPTER_CLASSES, AdaptedLayer, LayerShape, ModulesToSaveWrapper, VBLoRA, new_vector_bank
+from .adapters import AdaptedLayer, LayerShape, ModulesToSaveWrapper, method_of
 from .adapters.base import is_supported
 from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rotations
 from .config import AdapterConfig
@@ -180,15 +180,16 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     if merged:
         raise RuntimeError(f"adapter {sorted(merged)[0]!r} is merged; unmerge_adapter(model) before adding another")
     targets = find_targets(model, config)
-    adapter_cls = ADAPTER_CLASSES[config.method]
-    device = next(iter(targets.values())).weight.device
-    extra = {"bank": new_vector_bank(config, device)} if config.method == "vblora" else {}
+    adapter_cls = method_of(config).adapter
+    shared = adapter_cls.shared_parameters(config, next(iter(targets.values())).weight.device)  # VB-LoRA's bank
     new = {}
     for layer_name, base in targets.items():
-        adapter = adapter_cls(LayerShape(base, layer_name), config, base, **extra)
+        adapter = adapter_cls(LayerShape(base, layer_name), config, base, **shared)
         adapter.train(base.training)  # a model in eval mode gets adapters in eval mode (no dropout)
         new[layer_name] = adapter.to(device=base.weight.device)  # keeps Parameter objects (bank stays shared)
 
+    if config.base_model_name_or_path is None:  # recorded in adapter_config.json, as PEFT does
+        config.base_model_name_or_path = model_name_or_path(model)
     with all_or_nothing(model):
         if not configs:
             model.__dict__[REQUIRES_GRAD_ATTR] = [(p, p.requires_grad) for p in model.parameters()]
@@ -210,6 +211,16 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
         if any(isinstance(a, OrthogonalAdapter) for a in new.values()):
             _attach_rotation_hooks(model)
     return model
+
+
+def model_name_or_path(model: nn.Module) -> str | None:
+    """Where a model was loaded from (transformers' ``name_or_path``, diffusers' ``_name_or_path``)."""
+    name = getattr(model, "name_or_path", None)
+    if not name:
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", None) or (config.get("_name_or_path") if isinstance(config, dict)
+                                                          else None)
+    return str(name) if name else None
 
 
 def _active_orthogonal(model: nn.Module) -> list[OrthogonalAdapter]:
@@ -367,21 +378,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
                      vector_bank_lr: float | None = None, logits_lr: float | None = None) -> list[dict]:
-    """Optimizer groups: VB-LoRA's bank and logits get their own learning rates (paper: 1e-3 / 1e-2);
-    every other trainable parameter gets ``lr``. Parameters shared between layers appear once."""
-    banks, logits, seen = [], [], set()
+    """Optimizer groups: parameters an adapter puts in a named group (VB-LoRA's ``vector_bank`` and
+    ``logits``; paper: lr 1e-3 / 1e-2, no weight decay) get that group's learning rate; every other
+    trainable parameter gets ``lr``. Parameters shared between layers appear once."""
+    rates = {"vector_bank": vector_bank_lr, "logits": logits_lr}
+    named: dict[str, list] = {}
+    seen = set()
     for _, layer in adapted_layers(model):
         for adapter in layer.adapters.values():
-            if isinstance(adapter, VBLoRA):
-                for p, bucket in ((adapter.vblora_vector_bank, banks), (adapter.vblora_logits_A, logits),
-                                  (adapter.vblora_logits_B, logits)):
+            for group, params in adapter.optimizer_groups().items():
+                for p in params:
                     if p.requires_grad and id(p) not in seen:
                         seen.add(id(p))
-                        bucket.append(p)
+                        named.setdefault(group, []).append(p)
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-    if banks:
-        groups.append({"params": banks, "lr": vector_bank_lr or lr, "weight_decay": 0.0})
-    if logits:
-        groups.append({"params": logits, "lr": logits_lr or lr, "weight_decay": 0.0})
+    groups += [{"params": params, "lr": rates.get(group) or lr, "weight_decay": 0.0}
+               for group, params in named.items()]
     return [g for g in groups if g["params"]]

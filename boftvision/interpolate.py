@@ -41,8 +41,7 @@ def butterfly_interpolation(model: nn.Module, n_identity: int, reset_scale: bool
     if not 0 <= n_identity <= m:
         raise ValueError(f"n_identity must be in [0, {m}] for this adapter (m={m}), got {n_identity}")
     for adapter in layers:
-        adapter.identity_factors = n_identity
-        adapter.reset_scale = reset_scale
+        adapter.set_interpolation(n_identity, reset_scale)
     return m
 
 

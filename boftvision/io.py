@@ -2,7 +2,9 @@
 
 Keys are ``base_model.model.<module path>.<PEFT parameter name>`` with the adapter name stripped;
 VB-LoRA's shared bank is ``base_model.vblora_vector_bank``. A directory written by PEFT's
-``save_pretrained`` loads here and ours loads in ``PeftModel.from_pretrained``.
+``save_pretrained`` loads here and ours loads in ``PeftModel.from_pretrained`` — except BOFT with
+m ≥ 2 factors, which PEFT builds only when its CUDA extension compiles (never on CPU); for those,
+``save_adapter(..., peft_compatible=True)`` writes the equal one-factor BOFT every PEFT build loads.
 """
 from __future__ import annotations
 
@@ -15,20 +17,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import ADAPTER_CLASSES, LayerShape, VBLoRA, new_vector_bank
-from .config import AdapterConfig, config_from_dict
+from .adapters import LayerShape, config_from_dict, method_of
+from .config import AdapterConfig
 from .files import atomic_folder
 from .inject import (
-    adapted_layers, adapter_configs, add_adapter, all_or_nothing, find_targets, merge_and_unload, modules_to_save,
+    adapted_layers,
+    adapter_configs,
+    add_adapter,
+    all_or_nothing,
+    find_targets,
+    merge_and_unload,
+    modules_to_save,
     saved_module_wrappers,
 )
-from .ops.vector_bank import topk_compress, topk_expand
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
-BANK_KEY = "base_model.vblora_vector_bank"
-TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -41,8 +46,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             adapter = layer.adapters[name]
             for key, tensor in adapter.peft_state_dict().items():
                 state[f"{PREFIX}{layer_name}.{key}"] = tensor
-            if isinstance(adapter, VBLoRA):
-                state[BANK_KEY] = adapter.vblora_vector_bank
+            state.update(adapter.shared_state())  # e.g. VB-LoRA's bank, once per model
     for module_name, wrapper in saved_module_wrappers(model):
         if name in wrapper.modules_to_save:  # the adapter's own copy, under the original module's name
             for key, tensor in wrapper.modules_to_save[name].named_parameters():
@@ -50,14 +54,31 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json``; returns the dir."""
-    config = adapter_configs(model).get(name)
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 allow_nonfinite: bool = False, peft_compatible: bool = False) -> Path:
+    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` together (a temporary
+    sibling, then a rename); returns the dir. A NaN or inf in the adapter is refused (naming the first
+    such tensor) unless ``allow_nonfinite``: such a file breaks every model it is loaded into.
+
+    ``peft_compatible``: write the equal adapter every PEFT build loads. BOFT with m ≥ 2 factors becomes
+    BOFT with one factor of b·2^(m−1)-wide blocks (stock PEFT drops to one factor when its CUDA
+    extension does not build, so it cannot read m ≥ 2); other methods are written as they are.
+    """
+    config = adapter_configs(model)[name] if name in adapter_configs(model) else None
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
-    if getattr(config, "save_only_topk_weights", False):
-        for key in [k for k in state if "vblora_logits" in k]:
-            indices, weights = topk_compress(state.pop(key), config.topk)
-            state[key + TOPK_INDICES], state[key + TOPK_WEIGHTS] = indices, weights
+    if peft_compatible:
+        for layer_name, layer in adapted_layers(model):
+            if name in layer.adapters:
+                for key, tensor in layer.adapters[name].stock_peft_state().items():
+                    state[f"{PREFIX}{layer_name}.{key}"] = tensor.detach().contiguous().cpu()
+        config = method_of(config).adapter.stock_peft_config(config)
+    if not allow_nonfinite:
+        for key, tensor in state.items():
+            bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                raise ValueError(f"not saving adapter {name!r}: {key} has {bad} non-finite values (the run "
+                                 "diverged?); pass allow_nonfinite=True to write it anyway")
+    state = method_of(config).adapter.to_file(state, config)
     data = config.to_dict()
     if isinstance(data.get("target_modules"), list):
         data["target_modules"] = sorted(data["target_modules"])
@@ -101,17 +122,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     return config, state
 
 
-def check_tensors(state: dict[str, torch.Tensor], source, num_vectors: int | None = None) -> None:
-    """Every tensor floating point and finite (VB-LoRA's top-k indices: integers below ``num_vectors``);
-    the error names the tensor and the count of bad values."""
+def check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source) -> None:
+    """Every tensor of an adapter file is floating point and finite where a floating-point tensor is
+    expected, an integer tensor where integers are (VB-LoRA's top-k indices); the error names the
+    tensor and counts the bad values."""
     for key, tensor in state.items():
-        if key.endswith(TOPK_INDICES):
-            if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.is_complex():
-                raise ValueError(f"adapter at {source}: {key} is {tensor.dtype}; top-k indices must be integers")
-            bad = int(((tensor < 0) | (tensor >= (num_vectors or 0))).sum())
-            if bad:
-                raise ValueError(f"adapter at {source}: {key} has {bad} indices outside [0, {num_vectors}) "
-                                 "(num_vectors of its config); the file is corrupt or belongs to another config")
+        if not expected[key].is_floating_point():
+            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                raise ValueError(f"adapter at {source}: {key} is {tensor.dtype}; integers were expected")
             continue
         if not tensor.is_floating_point():
             raise ValueError(f"adapter at {source}: {key} is {tensor.dtype}, not floating point; an adapter's "
@@ -122,34 +140,23 @@ def check_tensors(state: dict[str, torch.Tensor], source, num_vectors: int | Non
                              f"{tensor.numel()}; refusing to load it (was the training run diverging?)")
 
 
-def expected_layout(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes :func:`adapter_state_dict` will have once ``config`` is added to ``model``,
-    worked out on the meta device: nothing is allocated, so a file asking for huge adapters is refused
-    before any memory is spent."""
+def expected_file_tensors(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """The tensors (on the meta device: shapes and dtypes, nothing allocated) an adapter file for
+    ``config`` on ``model`` holds, so a file is checked against the model before any memory is spent."""
     targets = find_targets(model, config)
-    adapter_cls = ADAPTER_CLASSES[config.method]
-    layout = {}
+    adapter_cls = method_of(config).adapter
+    state = {}
     with torch.device("meta"):
-        extra = {"bank": new_vector_bank(config)} if config.method == "vblora" else {}
+        shared = adapter_cls.shared_parameters(config)
         for layer_name, base in targets.items():
-            adapter = adapter_cls(LayerShape(base, layer_name), config, base, **extra)
-            for key, tensor in adapter.peft_state_dict().items():
-                layout[f"{PREFIX}{layer_name}.{key}"] = tuple(tensor.shape)
-    if config.method == "vblora":
-        layout[BANK_KEY] = (config.num_vectors, config.vector_length)
-    for module_name, module in modules_to_save(model, config).items():
-        original = getattr(module, "original_module", module)
-        for key, tensor in original.named_parameters():
-            layout[f"{PREFIX}{module_name}.{key}"] = tuple(tensor.shape)
-    return layout
-
-
-def _expand_topk(state: dict[str, torch.Tensor], num_vectors: int) -> tuple[dict[str, torch.Tensor], bool]:
-    keys = [k for k in state if k.endswith(TOPK_INDICES)]
-    for key in keys:
-        base = key[: -len(TOPK_INDICES)]
-        state[base] = topk_expand(state.pop(key), state.pop(base + TOPK_WEIGHTS), num_vectors)
-    return state, bool(keys)
+            adapter = adapter_cls(LayerShape(base, layer_name), config, base, **shared)
+            state.update({f"{PREFIX}{layer_name}.{k}": t for k, t in adapter.peft_state_dict().items()})
+            state.update(adapter.shared_state())
+        for module_name, module in modules_to_save(model, config).items():
+            original = getattr(module, "original_module", module)
+            state.update({f"{PREFIX}{module_name}.{k}": torch.empty_like(t, device="meta")
+                          for k, t in original.named_parameters()})
+        return adapter_cls.to_file({k: t.detach() for k, t in state.items()}, config)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
@@ -163,11 +170,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name in adapter_configs(model):
         raise ValueError(f"adapter {name!r} is already loaded; use another name= or remove_adapter first")
     config, state = read_adapter(path)
-    check_tensors(state, path, getattr(config, "num_vectors", None))
-    topk_only = False
-    if config.method == "vblora":
-        state, topk_only = _expand_topk(state, config.num_vectors)
-    layout = expected_layout(model, config)
+    return load_adapter_state(model, config, state, name, is_trainable, source=path)
+
+
+def load_adapter_state(model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor],
+                       name: str = "default", is_trainable: bool = True, source="the given state") -> nn.Module:
+    """:func:`load_adapter` from a config and tensors in the file's layout (PEFT keys) already in memory:
+    the same checks, then the adapter is added and filled, or the model is left as it was."""
+    if name in adapter_configs(model):
+        raise ValueError(f"adapter {name!r} is already loaded; use another name= or remove_adapter first")
+    path = source
+    layout = expected_file_tensors(model, config)
     missing = sorted(set(layout) - set(state))
     unexpected = sorted(set(state) - set(layout))
     if unexpected or missing:
@@ -176,11 +189,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; missing keys {missing[:5]}. "
             "Was it trained on another architecture, or with other target_modules?")
     for key, tensor in state.items():
-        if tuple(tensor.shape) != layout[key]:
+        if tensor.shape != layout[key].shape:
             module = key[len(PREFIX):] if key.startswith(PREFIX) else key
             raise ValueError(f"adapter at {path} does not fit this model: {module} has shape "
-                             f"{tuple(tensor.shape)} in the file but {layout[key]} here "
+                             f"{tuple(tensor.shape)} in the file but {tuple(layout[key].shape)} here "
                              f"(made for another model or other {config.method} settings)")
+    check_tensors(state, layout, path)
+    state, inference_only = method_of(config).adapter.from_file(state, config)
     with all_or_nothing(model):  # any error below leaves the model exactly as it was
         add_adapter(model, config, name)
         own = adapter_state_dict(model, name)
@@ -189,10 +204,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 own[key].copy_(tensor.to(own[key].dtype))
     for _, layer in adapted_layers(model):
         adapter = layer.adapters[name] if name in layer.adapters else None
-        if isinstance(adapter, VBLoRA):
-            adapter.topk_only = topk_only
-        if adapter is not None and (not is_trainable or topk_only):
-            adapter.requires_grad_(False)
+        if adapter is not None:
+            adapter.inference_only = inference_only
+            if not is_trainable or inference_only:
+                adapter.requires_grad_(False)
     if not is_trainable:
         for _, wrapper in saved_module_wrappers(model):
             if name in wrapper.modules_to_save:
@@ -201,9 +216,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Merge the active adapter into the weights, drop the wrappers and save the plain model's
-    state dict as ``model.safetensors`` (for models without their own ``save_pretrained``)."""
+    """Merge the active adapter into the weights, drop the wrappers and save the plain model: with the
+    model's own ``save_pretrained`` when it has one (transformers, diffusers — so their
+    ``from_pretrained`` loads the result), else its state dict as ``model.safetensors``. A pipeline with
+    adapted parts is exported by :func:`boftvision.integrations.diffusers.export_merged`."""
     model = merge_and_unload(model)
+    if hasattr(model, "save_pretrained"):
+        with atomic_folder(path) as tmp:
+            model.save_pretrained(str(tmp))
+        return Path(path)
     with atomic_folder(path, owns={"model.safetensors"}) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     return Path(path)

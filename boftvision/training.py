@@ -5,13 +5,18 @@ they load with ``torch.load(weights_only=True)``, so a planted checkpoint cannot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pickle
 import random
 import re
 import shutil
+import signal
+import tempfile
 import time
+import warnings
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,50 +24,51 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import AdapterConfig, BOFTConfig, LoRAConfig, OFTConfig, VBLoRAConfig
+from .adapters import METHODS
+from .config import AdapterConfig
 from .files import atomic_folder
 from .inject import parameter_groups
 
 
 def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
                           allow_none: bool = False) -> None:
-    """The adapter flags every script shares (PEFT's example-script names); ``allow_none`` adds
-    ``--adapter none`` (train only the task head: a linear probe)."""
+    """The adapter flags every script shares, generated from the registry and the configs' fields:
+    ``--adapter`` and ``--<method>_<field>`` for each hyperparameter (``--boft_block_size``,
+    ``--oft_block_num``, ``--lora_alpha``, …), with the config's help and the published recipe's
+    default. ``allow_none`` adds ``--adapter none`` (train only the task head: a linear probe)."""
     g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=["boft", "oft", "lora", "vblora"] + (["none"] if allow_none else []),
-                   default="boft")
-    g.add_argument("--boft_block_size", type=int, default=8)
-    g.add_argument("--boft_block_num", type=int, default=0)
-    g.add_argument("--boft_n_butterfly_factor", type=int, default=2)
-    g.add_argument("--boft_dropout", type=float, default=0.1, help="multiplicative dropout (BOFT and OFT)")
-    g.add_argument("--oft_block_size", type=int, default=16)
-    g.add_argument("--oft_use_cayley_neumann", action="store_true")
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=float, default=8)
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--vblora_r", type=int, default=4)
-    g.add_argument("--vblora_num_vectors", type=int, default=256)
-    g.add_argument("--vblora_vector_length", type=int, default=256)
-    g.add_argument("--vblora_topk", type=int, default=2)
-    g.add_argument("--vblora_bank_lr", type=float, default=None, help="default: --learning_rate")
-    g.add_argument("--vblora_logits_lr", type=float, default=None, help="default: 10 × --learning_rate")
+    g.add_argument("--adapter", choices=list(METHODS) + (["none"] if allow_none else []), default="boft",
+                   help="the adapter method (default: %(default)s)")
+    for method in METHODS.values():
+        for f in dataclasses.fields(method.config):
+            if "help" not in f.metadata:
+                continue
+            default = method.config.CLI_DEFAULTS.get(f.name, f.default)
+            flag, kind = f"--{method.cli_prefix}_{f.name}", {"int": int, "float": float, "bool": bool}[f.type]
+            if kind is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{method.name}: {f.metadata['help']} (default: %(default)s)")
+            else:
+                g.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
+                               help=f"{method.name}: {f.metadata['help']} (default: %(default)s)")
+    g.add_argument("--vblora_bank_lr", type=float, default=None, help="vblora: bank learning rate "
+                   "(default: --learning_rate)")
+    g.add_argument("--vblora_logits_lr", type=float, default=None, help="vblora: logits learning rate "
+                   "(default: 10 × --learning_rate)")
     if defaults:
         parser.set_defaults(**defaults)
 
 
-def adapter_config_from_args(args: argparse.Namespace, target_modules) -> AdapterConfig:
-    if args.adapter == "boft":
-        size = 0 if args.boft_block_num else args.boft_block_size
-        return BOFTConfig(block_size=size, block_num=args.boft_block_num, dropout=args.boft_dropout,
-                          n_butterfly_factor=args.boft_n_butterfly_factor, target_modules=target_modules)
-    if args.adapter == "oft":
-        return OFTConfig(block_size=args.oft_block_size, use_cayley_neumann=args.oft_use_cayley_neumann,
-                         dropout=args.boft_dropout, target_modules=target_modules)
-    if args.adapter == "lora":
-        return LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                          target_modules=target_modules)
-    return VBLoRAConfig(r=args.vblora_r, num_vectors=args.vblora_num_vectors, topk=args.vblora_topk,
-                        vector_length=args.vblora_vector_length, target_modules=target_modules)
+def adapter_config_from_args(args: argparse.Namespace, target_modules,
+                             base_model_name_or_path: str | None = None) -> AdapterConfig:
+    """The config of ``--adapter`` from its ``--<method>_<field>`` flags (a block number replaces the
+    block size); ``base_model_name_or_path`` is recorded in the saved adapter_config.json."""
+    method = METHODS[args.adapter]
+    values = {f.name: getattr(args, f"{method.cli_prefix}_{f.name}")
+              for f in dataclasses.fields(method.config) if "help" in f.metadata}
+    if values.get("block_num"):
+        values["block_size"] = 0
+    return method.config(target_modules=target_modules, base_model_name_or_path=base_model_name_or_path, **values)
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, weight_decay: float):
@@ -114,6 +120,10 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
     leaves a half-written ``checkpoint-{step}``. ``keep`` limits how many stay (oldest removed)."""
     path = Path(folder) / f"checkpoint-{step}"
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    bad = next((n for n, t in trainable.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad:
+        raise TrainingDiverged(f"step {step}: parameter {bad} is not finite; not writing checkpoint-{step} (the "
+                               "newest complete checkpoint stays the latest); lower --learning_rate and resume")
     with atomic_folder(path) as tmp:
         torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -130,25 +140,52 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (what a kill during a write by another tool, or a copy
+    cut short, leaves), or None."""
+    state, json_file = path / "training_state.pt", path / "state.json"
+    if not state.is_file():
+        return "no training_state.pt"
+    if not zipfile.is_zipfile(state):
+        return "training_state.pt is truncated"
+    try:
+        json.loads(json_file.read_text())
+    except (OSError, ValueError):
+        return "state.json is missing or unreadable"
+    return None
+
+
 def resolve_checkpoint(folder: str | Path, resume: str | None) -> Path | None:
-    """``latest`` → newest checkpoint in ``folder`` (None when there is none); else the given path."""
+    """``latest`` → the newest *complete* checkpoint in ``folder`` (None when there is none), naming
+    each incomplete one it skips; else the given path, which must be complete."""
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(folder)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(folder)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warnings.warn(f"skipping incomplete checkpoint {path} ({problem}); resuming from an older one",
+                          stacklevel=2)
+        return None
     path = Path(resume)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no training_state.pt there; give a "
-                                f"checkpoint-<step> folder or 'latest'")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a complete checkpoint ({problem}); give "
+                                "a checkpoint-<step> folder or 'latest' (the newest complete one)")
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, settings: dict | None = None,
+                    say=print) -> dict:
     """Restore what :func:`save_checkpoint` wrote into an identically built model; returns state.json.
 
     Loads tensors and plain data only (``weights_only=True``): a checkpoint holding any other pickled
-    object is refused before it can run anything."""
+    object is refused before it can run anything. With ``settings`` (:func:`run_settings`), a checkpoint
+    of a run with other settings is refused first (see :func:`check_resume_settings`)."""
+    if settings is not None:
+        saved = json.loads((Path(path) / "state.json").read_text()).get("settings")
+        check_resume_settings(saved, settings, Path(path), say)
     try:
         state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -176,18 +213,22 @@ def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: st
 
     An empty or new folder is taken as it is; a folder holding a run (any file besides the ``keep``
     paths, e.g. a class-image folder the user put inside it) is refused unless this run resumes it
-    (``resume`` given and a checkpoint there) or ``overwrite`` is set, which deletes everything but
-    ``keep`` first. In a multi-process launch every process checks and the main process deletes.
+    (``resume`` given and a checkpoint in it or in a run folder below it) or ``overwrite`` is set,
+    which deletes everything but ``keep`` first. In a multi-process launch every process checks and
+    the main process deletes.
     """
     from accelerate import PartialState
 
     out = Path(output_dir)
     keep_paths = {Path(k).resolve() for k in keep if k}
     others = [p for p in out.iterdir() if p.resolve() not in keep_paths] if out.is_dir() else []
-    resuming = resume is not None and (resume != "latest" or bool(list_checkpoints(out)))
+    # "latest" resumes when the folder holds a checkpoint (at the top, or in a per-task/seed run folder)
+    resuming = resume is not None and (resume != "latest" or any(
+        p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) for p in out.rglob("checkpoint-*")))
     if others and not resuming and not overwrite:
         names = sorted(p.name for p in others)
-        raise FileExistsError(f"output_dir {out} holds another run ({', '.join(names[:5])}{' …' if len(names) > 5 else ''}); "
+        listed = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        raise FileExistsError(f"output_dir {out} holds another run ({listed}); "
                               "pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to "
                               "continue it, or choose another --output_dir")
     state = PartialState()
@@ -195,12 +236,20 @@ def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: st
         for p in others:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     state.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # an unwritable output_dir is found now, not at the first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-") as probe:
+            probe.write(b"0" * 4096)
+            probe.flush()
+    except OSError as err:
+        raise OSError(f"output_dir {out} cannot be written ({err}); fix its permissions or free space, or "
+                      "choose another --output_dir") from err
     return out
 
 
 def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_loader, epochs: int,
-                   warmup_ratio: float, run_dir: str | Path, resume: str | None) -> SimpleNamespace:
+                   warmup_ratio: float, run_dir: str | Path, resume: str | None,
+                   settings: dict | None = None) -> SimpleNamespace:
     """Cosine schedule over ``epochs``, ``accelerator.prepare``, and resume from ``run_dir`` when asked.
 
     Returns the prepared objects plus ``steps_per_epoch``, ``total`` and ``state`` (the resumed
@@ -213,7 +262,8 @@ def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_
     state = {"epoch": 0}
     checkpoint = resolve_checkpoint(run_dir, resume)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, settings,
+                                accelerator.print)
         accelerator.print(f"resumed from {checkpoint} (epoch {state['epoch']})")
     return SimpleNamespace(model=model, optimizer=optimizer, train_loader=train_loader, eval_loader=eval_loader,
                            scheduler=scheduler, steps_per_epoch=steps_per_epoch, total=total, state=state)
@@ -232,55 +282,170 @@ def accelerator_from_args(args: argparse.Namespace):
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops before the optimizer applies it."""
+
+
+def stop_if_diverged(loss: torch.Tensor, step: int) -> None:
+    """For the epoch-based loops: a non-finite loss stops the run before its step is applied."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise TrainingDiverged(f"step {step}: the loss is {loss.detach().float().mean().item()!r}; stopping before "
+                               "it is applied. Lower --learning_rate and resume with --resume_from_checkpoint "
+                               "latest (the newest checkpoint holds finite weights)")
+
+
+# flags a resumed run may change; any other difference from the checkpoint's run is refused
+SAFE_TO_CHANGE = {
+    "learning_rate", "max_train_steps", "num_train_epochs", "epochs", "checkpointing_steps", "checkpointing_epochs",
+    "checkpoints_total_limit",
+    "validation_prompt", "validation_steps", "validation_epochs", "num_validation_images", "num_inference_steps",
+    "guidance_scale", "report_to", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "output_dir",
+    "dataloader_num_workers", "max_nonfinite_steps", "vblora_bank_lr", "vblora_logits_lr", "validation_image",
+    "skip_bad_files",
+}
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The run's flags as plain data, without the flags of adapter methods it does not use."""
+    others = tuple(f"{m.cli_prefix}_" for name, m in METHODS.items() if name != getattr(args, "adapter", None))
+    return {k: v for k, v in sorted(vars(args).items())
+            if isinstance(v, (str, int, float, bool, type(None))) and not k.startswith(others)}
+
+
+def check_resume_settings(saved: dict | None, now: dict, checkpoint: Path, say=print) -> None:
+    """Refuse to resume a run with other settings (naming each one, the checkpoint's value and the new
+    one); changes in :data:`SAFE_TO_CHANGE` are allowed and printed."""
+    if not saved:
+        return
+    changed = {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
+    unsafe = sorted(k for k in changed if k not in SAFE_TO_CHANGE)
+    if unsafe:
+        lines = [f"--{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in unsafe]
+        raise ValueError(f"cannot resume {checkpoint} with other settings:\n  " + "\n  ".join(lines) +
+                         "\nuse the checkpoint's values, or start a new run (another --output_dir or "
+                         "--overwrite_output_dir)")
+    for k in sorted(changed):
+        say(f"resuming with --{k} changed: {saved.get(k)!r} → {now.get(k)!r}")
+
+
+class StopSignals:
+    """``with StopSignals() as stop:`` SIGTERM (what SLURM and cloud preemption send) and SIGINT
+    (Ctrl-C) set ``stop.signal`` instead of killing the process, so the loop can finish its step and
+    write a checkpoint; a second signal acts as usual. A no-op outside the main thread."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._saved = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, self._saved.get(signum, signal.SIG_DFL))  # the next one is not caught
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
 def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, models: list, optimizer, scheduler,
                 loader, loss_fn, validate=None) -> SimpleNamespace:
     """The optimizer-step loop of the step-based scripts (DreamBooth, control), prepared objects given.
 
-    Resumes from ``--resume_from_checkpoint`` (``latest`` or a folder under ``output_dir``), continuing
-    mid-epoch with the batches the interrupted epoch had not seen; then per batch: ``loss_fn(batch)``
-    under ``accumulate(*models)``, backward, gradient clipping (``--max_grad_norm``), optimizer and
-    scheduler step; per optimizer step: progress bar, tracker log, a checkpoint every
-    ``--checkpointing_steps`` and ``validate(step)`` (→ a saved path) every ``--validation_steps``.
-    Returns ``step``, ``losses``, ``validations`` and ``seconds``.
+    Resumes from ``--resume_from_checkpoint`` (``latest``: the newest complete checkpoint under
+    ``output_dir``), refusing other settings, continuing mid-epoch with the batches the interrupted
+    epoch had not seen; then per batch: ``loss_fn(batch)`` under ``accumulate(*models)``, backward,
+    gradient clipping (``--max_grad_norm``), optimizer and scheduler step; per optimizer step: progress
+    bar, tracker log, a checkpoint every ``--checkpointing_steps`` and ``validate(step)`` (→ a saved
+    path) every ``--validation_steps``. Returns ``step``, ``losses``, ``validations`` and ``seconds``.
+
+    Faults: a non-finite loss or gradient norm is never applied; more than ``--max_nonfinite_steps``
+    (default 0) in a row raise :class:`TrainingDiverged` naming the step and the value (fp16's loss
+    scaler skipping a step with an inf gradient is not counted). SIGTERM or SIGINT finish the current
+    step, write a checkpoint and exit with status 128 + the signal's number.
     """
     from tqdm.auto import tqdm
 
     out = Path(args.output_dir)
     step, losses = 0, []
+    settings = run_settings(args)
     checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, trained, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, trained, optimizer, scheduler, settings, accelerator.print)
         step, losses = state["step"], state.get("losses", [])
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     trainable = [p for p in trained.parameters() if p.requires_grad]
+    allowed_nonfinite = getattr(args, "max_nonfinite_steps", 0)
     bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
-    start, validations = time.time(), []
-    while step < args.max_train_steps:
-        skip = (step % updates_per_epoch) * args.gradient_accumulation_steps  # resumed mid-epoch
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            with accelerator.accumulate(*models):
-                loss = loss_fn(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(accelerator.gather(loss.detach()).mean().item())
-            lr = scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss": losses[-1], "lr": lr}, step=step)
-            if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses},
-                                keep=args.checkpoints_total_limit)
-            if validate is not None and step % args.validation_steps == 0 and accelerator.is_main_process:
-                validations.append(str(validate(step)))
-            if step >= args.max_train_steps:
-                break
+    start, validations, nonfinite = time.time(), [], 0
+
+    def checkpoint_now():
+        if accelerator.is_main_process:
+            save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses, "settings": settings},
+                            keep=args.checkpoints_total_limit)
+
+    with StopSignals() as stop:
+        while step < args.max_train_steps:
+            skip = (step % updates_per_epoch) * args.gradient_accumulation_steps  # resumed mid-epoch
+            for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                with accelerator.accumulate(*models):
+                    loss = loss_fn(batch)
+                    accelerator.backward(loss)
+                    norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) \
+                        if accelerator.sync_gradients else None
+                    bad_loss = not bool(torch.isfinite(loss.detach()).all())
+                    bad_norm = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
+                    scaler_skips = accelerator.scaler is not None and bad_norm and not bad_loss
+                    flags = accelerator.gather(torch.tensor([[float(bad_loss or (bad_norm and not scaler_skips)),
+                                                              float(stop.signal is not None)]],
+                                                            device=accelerator.device)).amax(dim=0)
+                    bad, stopping = bool(flags[0]), bool(flags[1])
+                    if bad:  # never applied: the weights stay finite
+                        optimizer.zero_grad(set_to_none=True)
+                    else:
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if bad:
+                    nonfinite += 1
+                    if nonfinite > allowed_nonfinite:
+                        last = resolve_checkpoint(out, "latest") if accelerator.is_main_process else None
+                        raise TrainingDiverged(
+                            f"step {step + 1}: the loss is {loss.item()!r}, the gradient norm "
+                            f"{float(norm) if norm is not None else 'not computed'}; stopping before it is "
+                            f"applied ({nonfinite} non-finite step(s) in a row, --max_nonfinite_steps "
+                            f"{allowed_nonfinite}). Last checkpoint: {last or 'none'}; lower --learning_rate "
+                            "(or use bf16 rather than fp16) and resume with --resume_from_checkpoint latest")
+                    continue
+                if not accelerator.sync_gradients:
+                    continue
+                nonfinite = 0
+                step += 1
+                losses.append(accelerator.gather(loss.detach()).mean().item())
+                lr = scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"loss": losses[-1], "lr": lr}, step=step)
+                if stopping:
+                    checkpoint_now()
+                    accelerator.wait_for_everyone()
+                    name = signal.Signals(stop.signal or signal.SIGTERM).name
+                    accelerator.print(f"\n{name}: stopped after step {step}; checkpoint written to "
+                                      f"{out / f'checkpoint-{step}'}. Continue with the same command plus "
+                                      "--resume_from_checkpoint latest")
+                    raise SystemExit(128 + int(stop.signal or signal.SIGTERM))
+                if step % args.checkpointing_steps == 0:
+                    checkpoint_now()
+                if validate is not None and step % args.validation_steps == 0 and accelerator.is_main_process:
+                    validations.append(str(validate(step)))
+                if step >= args.max_train_steps:
+                    break
     accelerator.wait_for_everyone()
     return SimpleNamespace(step=step, losses=losses, validations=validations, seconds=round(time.time() - start, 1))

@@ -68,7 +68,8 @@ def image_at(model: str, adapter: str, prompt: str, seed: int, steps: int, n_ide
         image = generate(pipe, prompt, int(seed), int(steps))[0]
     finally:
         set_identity_components(pipe, 0)
-    label = "fine-tuned" if n_identity == 0 else "base model" if n_identity > m else f"{int(n_identity)}/{m} components → I"
+    label = ("fine-tuned" if n_identity == 0 else "base model" if n_identity > m
+             else f"{int(n_identity)}/{m} components → I")
     return image.resize((256, 256), Image.NEAREST), label
 
 

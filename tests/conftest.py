@@ -37,6 +37,7 @@ CONFIGS = {
                                                init_weights=init),
 }
 METHODS = list(CONFIGS)
+assert set(METHODS) == set(bv.adapters.METHODS), "every registered method needs a test config here"
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 PEFT forces BOFT to one butterfly factor when its CUDA extension does not build (always on CPU). To
 get its true m > 1 reference we make ``get_fbd_cuda`` report success while layers are built and swap
-``FastBlockDiag`` for a torch block-diagonal ((N, D, H, H) → (N, D·H, D·H)), as DESIGN.md says. The
+``FastBlockDiag`` for a torch block-diagonal ((N, D, H, H) → (N, D·H, D·H)). The
 swap stays in place: layers built without the patch never call ``FastBlockDiag``.
 """
 from __future__ import annotations

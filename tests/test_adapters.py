@@ -7,10 +7,10 @@ from conftest import CONFIGS, CONV, LINEAR, METHODS, TinyNet
 from torch import nn
 
 import boftvision as bv
-from boftvision.adapters import AdaptedLayer, OrthogonalAdapter
+from boftvision.adapters import AdaptedLayer
 from boftvision.adapters.orthogonal import SHARED_ROTATIONS
 from boftvision.inject import adapted_layers
-from boftvision.ops.orthogonal import dense_rotation, orthogonality_error, upper_from_skew, skew_from_square
+from boftvision.ops.orthogonal import dense_rotation, orthogonality_error, skew_from_square, upper_from_skew
 
 LAYER_KINDS = {"linear": LINEAR, "conv": CONV}
 CASES = [(m, k) for m in METHODS for k in LAYER_KINDS]

@@ -13,11 +13,16 @@ import torch
 from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes
 from PIL import Image
 
+from boftvision.adapters import METHODS
 from boftvision.data.controlnet import read_metadata, write_triplets
 from boftvision.data.shapes import control_example
 from boftvision.generate import control_features, generate
 from boftvision.integrations.diffusers import (
-    EMBEDDED, EMBEDDED_CONTROL, ControlEncoder, control_signal, load_pipeline,
+    EMBEDDED,
+    EMBEDDED_CONTROL,
+    ControlEncoder,
+    control_signal,
+    load_pipeline,
 )
 from boftvision.metrics.control import landmark_error, mask_iou_error
 
@@ -25,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 import eval_control  # noqa: E402
 import train_controlnet_boft  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_sd):
@@ -41,7 +47,7 @@ def args(root, out, *extra):
             *SD_ADAPTER_SIZES, *extra]
 
 
-@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora"])
+@pytest.mark.parametrize("adapter", list(METHODS))
 def test_control_training_loss_falls(setup, tmp_path, adapter):
     result = train_controlnet_boft.main(args(setup, tmp_path, "--adapter", adapter, "--max_train_steps", "20",
                                              "--checkpointing_steps", "20"))

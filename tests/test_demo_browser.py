@@ -73,8 +73,9 @@ def test_slider_changes_the_image_in_a_real_browser(app):
     try:
         driver.get(app)
         wait = WebDriverWait(driver, 120)
-        first = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "#result img") or [None])[0]).get_attribute("src")
-        stage = lambda: driver.find_element(By.CSS_SELECTOR, "#stage textarea").get_attribute("value")  # noqa: E731
+        first = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "#result img") or [None])[0])
+        first = first.get_attribute("src")
+        stage = lambda: driver.find_element(By.CSS_SELECTOR, "#stage textarea").get_attribute("value")
         wait.until(lambda d: stage() == "fine-tuned")
         slider = driver.find_element(By.CSS_SELECTOR, "#components input[type=range]")
         slider.send_keys(Keys.ARROW_RIGHT)
@@ -94,9 +95,8 @@ def test_slider_changes_the_image_in_a_real_browser(app):
 def test_app_serves_only_its_own_models_and_shows_no_paths(app, monkeypatch):
     """The page offers labels, not paths: /config holds no server path; a model or adapter a visitor
     names that the app was not started with is refused before anything is loaded (no hub request)."""
-    import gradio as gr
-
     import butterfly_interpolation_app as demo_module
+    import gradio as gr
 
     with urllib.request.urlopen(app + "/config") as response:
         config = response.read().decode()

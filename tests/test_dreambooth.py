@@ -12,6 +12,7 @@ import torch
 from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes
 
 import boftvision as bv
+from boftvision.adapters import METHODS
 from boftvision.data.dreambooth import tokenize
 from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
 from boftvision.generate import interpolation_path, set_identity_components
@@ -20,6 +21,7 @@ from boftvision.integrations.diffusers import TEXT_ENCODER_PRESETS, UNET_PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 import train_dreambooth_boft  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_sd):
@@ -45,7 +47,7 @@ def unet_output(unet) -> torch.Tensor:
         return unet(x, torch.tensor([10, 500]), context).sample
 
 
-@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora"])
+@pytest.mark.parametrize("adapter", list(METHODS))
 def test_dreambooth_loss_falls_and_adapter_reloads(setup, tmp_path, adapter):
     result = train_dreambooth_boft.main(args(setup, tmp_path, "--adapter", adapter, "--max_train_steps", "20",
                                              "--checkpointing_steps", "20"))

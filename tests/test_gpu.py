@@ -52,7 +52,8 @@ def test_dreambooth_fp16_on_cuda_keeps_adapters_fp32(tmp_path):
     import train_dreambooth_boft
 
     result = train_dreambooth_boft.main([
-        "--instance_data_dir", str(root / "boftvision/assets/sks-instance"), "--instance_prompt", "a photo of sks shape",
+        "--instance_data_dir", str(root / "boftvision/assets/sks-instance"),
+        "--instance_prompt", "a photo of sks shape",
         "--mixed_precision", "fp16", "--max_train_steps", "5", "--train_text_encoder", "--learning_rate", "1e-3",
         "--output_dir", str(tmp_path), "--validation_prompt", "a photo of sks shape", "--validation_steps", "5",
         "--num_validation_images", "2", "--num_inference_steps", "5"])

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 import torch.utils.checkpoint as checkpoint
+from conftest import CONFIGS, CONV, LINEAR, METHODS
 from torch import nn
 
 import boftvision as bv
 from boftvision.adapters import AdaptedLayer, ModulesToSaveWrapper
-from conftest import CONFIGS, CONV, LINEAR, METHODS
 
 
 def run(model, inputs):

@@ -9,6 +9,7 @@ import torch
 from peft_reference import peft_from_pretrained
 
 import boftvision as bv
+from boftvision.adapters import METHODS
 from boftvision.integrations.language import target_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +48,14 @@ def tokenizer_dir(path: Path, kind: str) -> Path:
 
 
 def tiny(kind: str):
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     vocab = len(WORDS) + 5
@@ -100,7 +107,8 @@ def test_gpt2_conv1d_merge_and_sides(method):
         torch.testing.assert_close(model(ids).logits, out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,method", [("bert", "lora"), ("bert", "boft"), ("gpt2", "lora"), ("gpt2", "vblora"),  # PEFT has no BOFT/OFT for Conv1D
+@pytest.mark.parametrize("kind,method", [("bert", "lora"), ("bert", "boft"),
+                                         ("gpt2", "lora"), ("gpt2", "vblora"),  # PEFT has no BOFT/OFT for Conv1D
                                          ("llama", "boft"), ("llama", "oft"), ("llama", "vblora")])
 def test_saved_adapters_load_in_transformers_and_peft(tmp_path, kind, method):
     base = tiny(kind).eval()
@@ -123,7 +131,7 @@ def test_saved_adapters_load_in_transformers_and_peft(tmp_path, kind, method):
         assert (theirs(ids).logits - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora", "none"])
+@pytest.mark.parametrize("adapter", [*METHODS, "none"])
 def test_glue_script_loss_falls_and_resumes(models, tmp_path, adapter):
     train = write_csv(negation_rows(64, 0), tmp_path / "train.csv")
     dev = write_csv(negation_rows(32, 1), tmp_path / "dev.csv")

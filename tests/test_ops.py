@@ -5,10 +5,22 @@ from peft.tuners.boft.layer import BOFTLayer
 from peft.tuners.oft.layer import OFTRotationModule
 
 from boftvision.ops.orthogonal import (
-    apply_factor, butterfly_apply, butterfly_perm, butterfly_span, cayley, cayley_neumann, check_butterfly_shape,
+    apply_factor,
+    butterfly_apply,
+    butterfly_perm,
+    butterfly_span,
+    cayley,
+    cayley_neumann,
+    check_butterfly_shape,
     collapse_butterfly,
-    dense_rotation, max_butterfly_factors, multiplicative_dropout, orthogonality_error, rotate_weight,
-    skew_from_square, skew_from_upper, upper_from_skew,
+    dense_rotation,
+    max_butterfly_factors,
+    multiplicative_dropout,
+    orthogonality_error,
+    rotate_weight,
+    skew_from_square,
+    skew_from_upper,
+    upper_from_skew,
 )
 from boftvision.ops.vector_bank import admix, lora_factors, topk_compress, topk_expand
 

@@ -37,7 +37,8 @@ def test_deberta_v3_base_counts(config, paper):
 def test_roberta_large_vblora_stored_count():
     from boftvision.integrations.language import PRESETS as LM
 
-    config = bv.VBLoRAConfig(r=4, num_vectors=90, vector_length=256, topk=2, target_modules=LM["roberta"]["all_linear"])
+    config = bv.VBLoRAConfig(r=4, num_vectors=90, vector_length=256, topk=2,
+                             target_modules=LM["roberta"]["all_linear"])
     assert count(roberta_large, config)[1] == 90 * 256 + round(1.5 * 24 * 4 * (4 * 8 + 2 * 20))
 
 
@@ -45,7 +46,8 @@ def test_roberta_large_vblora_stored_count():
 def test_sam_decoder_boft_counts_follow_the_formula(m, b):
     """Stored = Σ over adapted layers of m·(d/b)·b(b−1)/2 skew entries + n scales, from the layer shapes."""
     from boftvision.inject import find_targets
-    from boftvision.integrations.sam import PRESETS as SAM, sam_mask_decoder
+    from boftvision.integrations.sam import PRESETS as SAM
+    from boftvision.integrations.sam import sam_mask_decoder
 
     layers = find_targets(sam_mask_decoder(), bv.LoRAConfig(target_modules=SAM["decoder_attention"])).values()
     assert len(layers) == 28

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, LINEAR, TinyNet
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -22,7 +23,6 @@ from boftvision.data.controlnet import read_metadata, write_triplets
 from boftvision.data.dreambooth import list_images
 from boftvision.data.vtab import VTABDataset
 from boftvision.training import claim_output_dir, load_checkpoint, save_checkpoint
-from conftest import CONFIGS, LINEAR, TinyNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,6 +193,7 @@ def test_an_output_dir_holding_another_run_is_refused(tmp_path):
 def test_dreambooth_refuses_to_mix_with_an_earlier_run(tmp_path, tiny_sd):
     sys.path.insert(0, str(ROOT / "train_scripts"))
     import train_dreambooth_boft
+
     from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
 
     (tmp_path / "instance").mkdir()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import boftvision as bv
+from boftvision.adapters import METHODS
 from boftvision.data.vtab import VTABDataset
 from boftvision.integrations.dinov2 import Dinov2Classifier, add_classifier_adapter, dinov2_config
 
@@ -58,7 +59,7 @@ def common(tiny, out, *extra):
             "--vblora_vector_length", "16", "--vblora_num_vectors", "16", "--lora_r", "4", *extra]
 
 
-@pytest.mark.parametrize("adapter", ["boft", "oft", "lora", "vblora"])
+@pytest.mark.parametrize("adapter", list(METHODS))
 def test_training_beats_chance_and_eval_matches(tiny, tmp_path, adapter):
     out = tmp_path / adapter
     train_vtab_boft.main(common(tiny, out, "--adapter", adapter, "--tasks", "eurosat", "--epochs", "8",
@@ -66,7 +67,8 @@ def test_training_beats_chance_and_eval_matches(tiny, tmp_path, adapter):
     result = json.loads((out / "eurosat" / "seed0" / "result.json").read_text())
     assert result["top1"] >= 70.0  # 3 balanced classes: chance is 33 %
     assert result["epoch_losses"][-1] < result["epoch_losses"][0]
-    accuracy = eval_vtab.main(["--model_name_or_path", str(tiny / "model"), "--run_dir", str(out / "eurosat" / "seed0"),
+    accuracy = eval_vtab.main(["--model_name_or_path", str(tiny / "model"),
+                               "--run_dir", str(out / "eurosat" / "seed0"),
                                "--data_root", str(tiny / "data"), "--image_size", "28"])
     assert accuracy == result["top1"]
     header, _, row = (out / "results.md").read_text().splitlines()

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from boftvision.data.controlnet import read_metadata
+from boftvision.files import write_text_atomic
 from boftvision.generate import control_features, generate
 from boftvision.inject import disable_adapter
 from boftvision.integrations.diffusers import EMBEDDED, adapter_parts, attach_adapters, load_pipeline
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_text_atomic(args.out, json.dumps(result, indent=1))
     return result
 
 

@@ -27,13 +27,24 @@ from torch.utils.data import DataLoader
 
 import boftvision as bv
 from boftvision.data.controlnet import ControlDataset, to_tensor
+from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import (
-    EMBEDDED, UNET_PRESETS, ControlEncoder, control_signal, denoising_loss, frozen_pipeline, image_grid,
+    EMBEDDED,
+    UNET_PRESETS,
+    ControlEncoder,
+    control_signal,
+    denoising_loss,
+    frozen_pipeline,
+    image_grid,
     lr_scheduler_from_args,
 )
 from boftvision.training import (
+    accelerator_from_args,
+    adapter_config_from_args,
+    add_adapter_arguments,
     claim_output_dir,
-    accelerator_from_args, add_adapter_arguments, adapter_config_from_args, list_checkpoints, make_optimizer,
+    list_checkpoints,
+    make_optimizer,
     train_steps,
 )
 
@@ -71,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--peft_compatible", action="store_true",
+                   help="save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere")
+    p.add_argument("--max_nonfinite_steps", type=int, default=0,
+                   help="consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
+                        "the run stops as diverged")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none")
@@ -142,7 +158,8 @@ def main(argv=None) -> dict:
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = load_data(args, tokenizer, size)  # bad data fails before training starts
     if args.adapter != "none":
-        bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets]))
+        bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets],
+                                                      args.pretrained_model_name_or_path))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     encoder = ControlEncoder.for_unet(unet, pipe.vae_scale_factor).to(accelerator.device)  # fp32, trained
@@ -157,7 +174,8 @@ def main(argv=None) -> dict:
             if all(id(p) in encoder_params for p in group["params"]):
                 group["lr"] = args.encoder_learning_rate
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
-    unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(unet, encoder, optimizer, loader, lr_scheduler)
+    unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+        unet, encoder, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("control-boft", config={k: v for k, v in vars(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -177,11 +195,11 @@ def main(argv=None) -> dict:
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:
         if args.adapter != "none":
-            bv.save_adapter(accelerator.unwrap_model(unet), out / "unet")
+            bv.save_adapter(accelerator.unwrap_model(unet), out / "unet", peft_compatible=args.peft_compatible)
         accelerator.unwrap_model(encoder).save(out)
         if args.validation_image:
             result["validation"].append(str(validate_at(run.step)))
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     accelerator.end_training()
     return result
 

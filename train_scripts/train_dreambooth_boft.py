@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,13 +37,26 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.dreambooth import IMAGE_SUFFIXES, DreamBoothDataset, collate, list_images
+from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import (
-    EMBEDDED, TEXT_ENCODER_PRESETS, UNET_PRESETS, denoising_loss, frozen_pipeline, image_grid, load_pipeline,
+    EMBEDDED,
+    TEXT_ENCODER_PRESETS,
+    UNET_PRESETS,
+    denoising_loss,
+    export_merged,
+    frozen_pipeline,
+    image_grid,
+    load_pipeline,
     lr_scheduler_from_args,
+    save_diffusers_lora,
 )
 from boftvision.training import (
+    accelerator_from_args,
+    adapter_config_from_args,
+    add_adapter_arguments,
     claim_output_dir,
-    accelerator_from_args, add_adapter_arguments, adapter_config_from_args, list_checkpoints, make_optimizer,
+    list_checkpoints,
+    make_optimizer,
     train_steps,
 )
 
@@ -92,6 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, … (accelerate trackers)")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--peft_compatible", action="store_true",
+                   help="save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere")
+    p.add_argument("--save_merged", action="store_true",
+                   help="also write output_dir/merged: a plain pipeline with the adapters merged "
+                        "(StableDiffusionPipeline.from_pretrained loads it)")
+    p.add_argument("--skip_bad_files", action="store_true",
+                   help="drop unreadable images with a warning (default: stop before training, listing them)")
+    p.add_argument("--max_nonfinite_steps", type=int, default=0,
+                   help="consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
+                        "the run stops as diverged")
     add_adapter_arguments(p, defaults={"boft_dropout": 0.1})
     args = p.parse_args(argv)
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
@@ -145,7 +169,8 @@ def validate(args, accelerator, pipe, unet, text_encoder, step: int) -> Path:
     image_grid(images, cols=len(images)).save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                      dataformats="NHWC")
     free_memory()
     return path
 
@@ -158,16 +183,18 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     accelerator = accelerator_from_args(args)
     set_seed(args.seed)
-    list_images(args.instance_data_dir, "--instance_data_dir")  # fail before any model is loaded
+    list_images(args.instance_data_dir, "--instance_data_dir", True, args.skip_bad_files)  # before any model
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
         accelerator.wait_for_everyone()
 
     pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
-    bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets]))
+    base = args.pretrained_model_name_or_path
+    bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets], base))
     if args.train_text_encoder:
-        bv.add_adapter(text_encoder, adapter_config_from_args(args, TEXT_ENCODER_PRESETS[args.text_encoder_targets]))
+        bv.add_adapter(text_encoder, adapter_config_from_args(args, TEXT_ENCODER_PRESETS[args.text_encoder_targets],
+                                                              base))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -177,7 +204,8 @@ def main(argv=None) -> dict:
 
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, size, args.center_crop,
-                                args.class_data_dir if args.with_prior_preservation else None, args.class_prompt)
+                                args.class_data_dir if args.with_prior_preservation else None, args.class_prompt,
+                                args.skip_bad_files)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=args.dataloader_num_workers)  # file order: a resumed run sees the same batches
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
@@ -211,12 +239,19 @@ def main(argv=None) -> dict:
               "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:
-        bv.save_adapter(accelerator.unwrap_model(unet), out / "unet")
+        unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
         if args.train_text_encoder:
-            bv.save_adapter(accelerator.unwrap_model(text_encoder), out / "text_encoder")
+            bv.save_adapter(text_encoder, out / "text_encoder", peft_compatible=args.peft_compatible)
+        if args.adapter == "lora":  # also diffusers' format: pipe.load_lora_weights(output_dir)
+            save_diffusers_lora(SimpleNamespace(unet=unet, text_encoder=text_encoder if args.train_text_encoder
+                                                else None), out)
         if args.validation_prompt:
             result["validation"].append(str(validate_at(run.step)))
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        if args.save_merged:  # a plain pipeline folder any diffusers user loads (adapters merged, removed)
+            pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
+            export_merged(pipe, out / "merged")
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     accelerator.end_training()
     return result
 

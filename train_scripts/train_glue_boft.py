@@ -23,11 +23,19 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.text import GLUE_MAIN_METRIC, GLUE_TASKS, load_glue, read_rows, text_examples
+from boftvision.files import write_text_atomic
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
+    adapter_config_from_args,
+    add_adapter_arguments,
     claim_output_dir,
-    add_adapter_arguments, adapter_config_from_args, make_optimizer, prepare_epochs, save_checkpoint, seed_everything,
+    make_optimizer,
+    prepare_epochs,
+    run_settings,
+    save_checkpoint,
+    seed_everything,
+    stop_if_diverged,
 )
 
 
@@ -84,7 +92,8 @@ def build_model(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=args.num_labels)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        model.config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if args.adapter == "none":  # linear probe: frozen encoder, trainable head
         for name, p in model.named_parameters():
@@ -126,7 +135,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
     eval_loader = DataLoader(data["validation"], args.eval_batch_size, collate_fn=fn)
     optimizer = make_optimizer(model, args, args.learning_rate, args.weight_decay)
     run = prepare_epochs(accelerator, model, optimizer, train_loader, eval_loader, args.epochs, args.warmup_ratio,
-                         run_dir, args.resume_from_checkpoint)
+                         run_dir, args.resume_from_checkpoint, run_settings(args))
     model, optimizer, train_loader, eval_loader, scheduler = (run.model, run.optimizer, run.train_loader,
                                                               run.eval_loader, run.scheduler)
     steps_per_epoch, total = run.steps_per_epoch, run.total
@@ -138,6 +147,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
         running = 0.0
         for batch in train_loader:
             loss = model(**batch).loss
+            stop_if_diverged(loss, progress.n + 1)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -148,8 +158,10 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
         history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
         progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, (epoch + 1) * steps_per_epoch,
-                            extra={"epoch": epoch + 1, "history": history}, keep=args.checkpoints_total_limit)
+            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                            (epoch + 1) * steps_per_epoch,
+                            extra={"epoch": epoch + 1, "history": history, "settings": run_settings(args)},
+                            keep=args.checkpoints_total_limit)
     progress.close()
     result = {"seed": seed, "final": history[-1], "history": history, "trainable": counts.trainable,
               "stored": counts.stored}
@@ -157,7 +169,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
         unwrapped = accelerator.unwrap_model(model)
         if args.adapter != "none":
             bv.save_adapter(unwrapped, run_dir / "adapter")
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -176,12 +188,12 @@ def main(argv=None) -> dict:
               "median": summary, "main_metric": main_metric, "trainable": runs[0]["trainable"],
               "stored": runs[0]["stored"], "runs": runs}
     if accelerator.is_main_process:
-        (out / "results.json").write_text(json.dumps(report, indent=2))
+        write_text_atomic(out / "results.json", json.dumps(report, indent=2))
         table = ("| task | adapter | trainable | stored | " + " | ".join(metric_names) + " |\n|"
                  + "---|" * (4 + len(metric_names)) + f"\n| {report['task']} | {args.adapter} | "
                  f"{report['trainable']:,} | {report['stored']:,} | "
                  + " | ".join(f"{summary[m]:.2f}" for m in metric_names) + " |\n")
-        (out / "results.md").write_text(table)
+        write_text_atomic(out / "results.md", table)
         print(table)
     return report
 

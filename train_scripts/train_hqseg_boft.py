@@ -22,14 +22,32 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.hqseg import EVAL_SETS, TRAIN_SETS, HQSegDataset, noisy_box, random_points
+from boftvision.files import write_text_atomic
 from boftvision.integrations.sam import (
-    PRESETS, build_sam, coarse_mask_prompt, decode, evaluate_sets, freeze_encoders, image_embedding, load_sam,
-    logits_to_original, scores_table, segmentation_loss,
+    PRESETS,
+    build_sam,
+    coarse_mask_prompt,
+    decode,
+    evaluate_sets,
+    freeze_encoders,
+    image_embedding,
+    load_sam,
+    logits_to_original,
+    scores_table,
+    segmentation_loss,
 )
 from boftvision.training import (
+    adapter_config_from_args,
+    add_adapter_arguments,
     claim_output_dir,
-    add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
-    resolve_checkpoint, save_checkpoint, seed_everything,
+    cosine_with_warmup,
+    load_checkpoint,
+    make_optimizer,
+    resolve_checkpoint,
+    run_settings,
+    save_checkpoint,
+    seed_everything,
+    stop_if_diverged,
 )
 
 
@@ -97,7 +115,7 @@ def main(argv=None) -> dict:
     state = {"epoch": 0, "losses": [], "validation": []}
     checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, sam, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, sam, optimizer, scheduler, run_settings(args))
         rng = np.random.default_rng([args.seed, state["epoch"]])
     before = evaluate_sets(sam, eval_sets, cache) if state["epoch"] == 0 else state["before"]
 
@@ -115,6 +133,7 @@ def main(argv=None) -> dict:
                 full = logits_to_original(sam, logits, mask.shape)
                 loss = loss + segmentation_loss(full, torch.as_tensor(mask, dtype=torch.float32, device=full.device))
             loss = loss / len(order[start:start + args.batch_size])
+            stop_if_diverged(loss, progress.n + 1)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -124,7 +143,7 @@ def main(argv=None) -> dict:
             progress.set_postfix(loss=f"{loss.item():.3f}")
         state["losses"].append(epoch_loss / steps_per_epoch)
         state["validation"].append(evaluate_sets(sam, eval_sets, cache))
-        state["epoch"], state["before"] = epoch + 1, before
+        state["epoch"], state["before"], state["settings"] = epoch + 1, before, run_settings(args)
         save_checkpoint(out, sam, optimizer, scheduler, (epoch + 1) * steps_per_epoch, extra=state,
                         keep=args.checkpoints_total_limit)
     progress.close()
@@ -132,8 +151,8 @@ def main(argv=None) -> dict:
     result = {"before": before, "after": state["validation"][-1], "epoch_losses": state["losses"],
               "trainable": counts.trainable, "stored": counts.stored}
     bv.save_adapter(sam.mask_decoder, out / "adapter")
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(f"Frozen decoder:\n\n{scores_table(before)}\nAdapted ({args.adapter}, "
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "results.md", f"Frozen decoder:\n\n{scores_table(before)}\nAdapted ({args.adapter}, "
                                     f"{counts.stored:,} stored parameters):\n\n{scores_table(result['after'])}")
     print((out / "results.md").read_text())
     return result

@@ -24,11 +24,20 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.text import read_rows
+from boftvision.files import write_text_atomic
 from boftvision.integrations.language import add_task_adapter
 from boftvision.training import (
+    adapter_config_from_args,
+    add_adapter_arguments,
     claim_output_dir,
-    add_adapter_arguments, adapter_config_from_args, cosine_with_warmup, load_checkpoint, make_optimizer,
-    resolve_checkpoint, save_checkpoint, seed_everything,
+    cosine_with_warmup,
+    load_checkpoint,
+    make_optimizer,
+    resolve_checkpoint,
+    run_settings,
+    save_checkpoint,
+    seed_everything,
+    stop_if_diverged,
 )
 
 IGNORE = -100
@@ -80,7 +89,8 @@ def train(args) -> dict:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
     rows = read_rows(args.train_file)
-    examples = [tokenize_pair(tokenizer, r[args.prompt_column], r[args.response_column], args.max_length) for r in rows]
+    examples = [tokenize_pair(tokenizer, r[args.prompt_column], r[args.response_column], args.max_length)
+                for r in rows]
     loader = DataLoader(examples, args.train_batch_size, shuffle=True,
                         collate_fn=lambda b: pad_batch(b, tokenizer.pad_token_id))
     optimizer = make_optimizer(model, args, args.learning_rate, args.weight_decay)
@@ -92,7 +102,8 @@ def train(args) -> dict:
     step, losses = 0, []
     checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, run_settings(args),
+                                accelerator.print)
         step, losses = state["step"], state["losses"]
     progress = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process)
     model.train()  # from_pretrained returns the model in eval mode
@@ -100,6 +111,7 @@ def train(args) -> dict:
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                stop_if_diverged(loss, step + 1)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -112,14 +124,15 @@ def train(args) -> dict:
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                 save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
-                                extra={"losses": losses}, keep=args.checkpoints_total_limit)
+                                extra={"losses": losses, "settings": run_settings(args)},
+                                keep=args.checkpoints_total_limit)
             if step >= total:
                 break
     progress.close()
     result = {"steps": step, "losses": losses, **vars(bv.count_parameters(accelerator.unwrap_model(model)))}
     if accelerator.is_main_process:
         bv.save_adapter(accelerator.unwrap_model(model), out / "adapter")
-        (out / "results.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(out / "results.json", json.dumps(result, indent=2))
     return result
 
 

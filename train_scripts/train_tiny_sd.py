@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from boftvision.data.shapes import COLOURS, SHAPES, WORDS, base_example
+from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import TINY, image_grid, pipeline_from_components, tiny_components
 from boftvision.training import claim_output_dir, cosine_with_warmup, seed_everything
 
@@ -105,13 +106,14 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     pipe = pipeline_from_components(parts)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    every = lambda xs: [round(float(np.mean(xs[i:i + 100])), 4) for i in range(0, len(xs), 100)]  # noqa: E731
+    every = lambda xs: [round(float(np.mean(xs[i:i + 100])), 4) for i in range(0, len(xs), 100)]
     card = {"command": "python train_scripts/train_tiny_sd.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-            "batch_size": args.batch_size, "vae_batch_size": args.vae_batch_size, "learning_rate": args.learning_rate, "minutes": round((time.time() - start) / 60, 1),
+            "batch_size": args.batch_size, "vae_batch_size": args.vae_batch_size, "learning_rate": args.learning_rate,
+            "minutes": round((time.time() - start) / 60, 1),
             "vae_loss_per_100": every(log["vae_loss"]), "unet_loss_per_100": every(log["unet_loss"]),
             "vocabulary": WORDS, "colours": list(COLOURS), "shapes": list(SHAPES), "torch": torch.__version__}
-    (out / "boftvision_training.json").write_text(json.dumps(card, indent=1))
+    write_text_atomic(out / "boftvision_training.json", json.dumps(card, indent=1))
     prompts = [f"a photo of a {c} {s}" for s in SHAPES for c in COLOURS] + ["a photo of a shape"] * 4
     images = pipe(prompts, num_inference_steps=25, guidance_scale=4.0,
                   generator=torch.Generator().manual_seed(args.seed)).images

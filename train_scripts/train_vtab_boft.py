@@ -26,11 +26,19 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.vtab import GROUPS, TASKS, VTABDataset
+from boftvision.files import write_text_atomic
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
 from boftvision.training import (
+    adapter_config_from_args,
+    add_adapter_arguments,
     claim_output_dir,
-    add_adapter_arguments, adapter_config_from_args, make_optimizer, prepare_epochs, save_checkpoint, seed_everything,
+    make_optimizer,
+    prepare_epochs,
+    run_settings,
+    save_checkpoint,
+    seed_everything,
+    stop_if_diverged,
 )
 
 
@@ -76,8 +84,8 @@ def build_model(args, num_classes: int) -> Dinov2Classifier:
     return add_classifier_adapter(model, adapter_config_from_args(args, PRESETS[args.targets]))
 
 
-def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr: float, train_split: str, eval_split: str,
-        run_dir: Path) -> dict:
+def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr: float, train_split: str,
+                       eval_split: str, run_dir: Path) -> dict:
     """Train one (task, seed, lr) and return its final-epoch accuracy on ``eval_split``."""
     seed_everything(seed)
     train_set = VTABDataset(args.data_root, task, train_split, args.image_size, args.num_classes,
@@ -91,7 +99,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
                               drop_last=False)
     eval_loader = DataLoader(eval_set, args.eval_batch_size, num_workers=args.num_workers)
     run = prepare_epochs(accelerator, model, optimizer, train_loader, eval_loader, args.epochs, args.warmup_ratio,
-                         run_dir, args.resume_from_checkpoint)
+                         run_dir, args.resume_from_checkpoint, run_settings(args))
     model, optimizer, train_loader, eval_loader, scheduler = (run.model, run.optimizer, run.train_loader,
                                                               run.eval_loader, run.scheduler)
     steps_per_epoch, total = run.steps_per_epoch, run.total
@@ -104,6 +112,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
         epoch_loss = 0.0
         for images, labels in train_loader:
             loss = torch.nn.functional.cross_entropy(model(images), labels)
+            stop_if_diverged(loss, progress.n + 1)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -114,8 +123,10 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
         losses.append(epoch_loss / max(1, len(train_loader)))
         accelerator.log({f"{task}/seed{seed}/loss": losses[-1]}, step=epoch)
         if (epoch + 1) % args.checkpointing_epochs == 0 and accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, (epoch + 1) * steps_per_epoch,
-                            extra={"epoch": epoch + 1, "losses": losses}, keep=args.checkpoints_total_limit)
+            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                            (epoch + 1) * steps_per_epoch,
+                            extra={"epoch": epoch + 1, "losses": losses, "settings": run_settings(args)},
+                            keep=args.checkpoints_total_limit)
     progress.close()
 
     accuracy = top1_accuracy(model, eval_loader, accelerator)
@@ -126,7 +137,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
         bv.save_adapter(unwrapped.backbone, run_dir / "adapter")
         save_file({k: v.contiguous().cpu() for k, v in unwrapped.head.state_dict().items()},
                   str(run_dir / "head.safetensors"))
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -171,12 +182,13 @@ def main(argv=None) -> None:
             lr = max(scores, key=scores.get)
             accelerator.print(f"{task}: val200 top-1 by lr {scores} → {lr:g}")
         for seed in args.seeds:
-            results.append(train_and_evaluate(args, accelerator, task, seed, lr, "train800val200", "test", out / task / f"seed{seed}"))
+            results.append(train_and_evaluate(args, accelerator, task, seed, lr, "train800val200", "test",
+                                              out / task / f"seed{seed}"))
             accelerator.print(f"{task} seed {seed}: test top-1 {results[-1]['top1']:.2f}")
     if accelerator.is_main_process:
         params = results[0]["adapter_stored"] if results else 0
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(markdown_table(results, params))
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+        write_text_atomic(out / "results.md", markdown_table(results, params))
         print(markdown_table(results, params))
     accelerator.end_training()
 

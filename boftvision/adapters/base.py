@@ -78,12 +78,51 @@ def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.T
 
 class Adapter(nn.Module):
     """One method's trainable state for one base layer. Subclasses implement the math by calling
-    ``boftvision.ops``; they never hold the base layer (the wrapper passes it in)."""
+    ``boftvision.ops``; they never hold the base layer (the wrapper passes it in).
+
+    Hooks with defaults for what a method may share across layers or transform in files (VB-LoRA's
+    bank and top-k files use them): :meth:`shared_parameters`, :meth:`shared_state`,
+    :meth:`optimizer_groups`, :meth:`to_file`, :meth:`from_file`.
+    """
+
+    inference_only = False  # set when loaded from a file that cannot be trained further
 
     def __init__(self, shape: LayerShape, config):
         super().__init__()
         self.shape = shape
         self.config = config
+
+    @classmethod
+    def shared_parameters(cls, config, device=None) -> dict:
+        """Constructor arguments every layer of one adapter shares (made once per ``add_adapter``)."""
+        return {}
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Model-level tensors of the adapter under their full file keys (stored once per model)."""
+        return {}
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters that want their own learning rate, by group name (see ``parameter_groups``)."""
+        return {}
+
+    @classmethod
+    def to_file(cls, state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+        """The tensors as the adapter file stores them (default: unchanged)."""
+        return state
+
+    @classmethod
+    def from_file(cls, state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], bool]:
+        """Inverse of :meth:`to_file`; also says whether the file can only be used for inference."""
+        return state, False
+
+    @classmethod
+    def stock_peft_config(cls, config):
+        """The config of an equal adapter that stock PEFT builds everywhere (default: this one)."""
+        return config
+
+    def stock_peft_state(self) -> dict[str, torch.Tensor]:
+        """The tensors (PEFT names) that change for :meth:`stock_peft_config` (default: none)."""
+        return {}
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -98,15 +137,8 @@ class Adapter(nn.Module):
         """Tensors under PEFT's per-module key names (adapter name stripped)."""
         raise NotImplementedError
 
-    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy tensors in; every key must exist with the same shape (checked by the caller)."""
-        own = self.peft_state_dict()
-        with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value.to(own[key].dtype))
-
     def stored_parameters(self) -> int:
-        """Parameters a trained adapter needs to store (the papers' count; shared banks excluded)."""
+        """Parameters a trained adapter needs to store (the papers' count; shared state excluded)."""
         return sum(p.numel() for p in self.parameters(recurse=True))
 
 

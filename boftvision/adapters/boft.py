@@ -7,11 +7,13 @@ it is applied to the activations or to the rows of W0, whichever costs less for 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from ..config import BOFTConfig
-from ..ops.orthogonal import cayley, skew_from_square
+from ..ops.orthogonal import butterfly_span, cayley, collapse_butterfly, inverse_cayley, skew_from_square
 from .base import LayerShape
 from .orthogonal import OrthogonalAdapter, block_size_for_layer
 
@@ -40,3 +42,36 @@ class BOFT(OrthogonalAdapter):
         return {"boft_R": self.boft_R, "boft_s": self.boft_s}
 
 
+
+    def single_factor_blocks(self) -> torch.Tensor:
+        """This adapter as ``boft_R`` of an equal BOFT with one factor and blocks b·2^(m−1) wide:
+        R = B_{m−1}⋯B_0 is block-diagonal with such orthogonal blocks (:func:`collapse_butterfly`), and
+        each is the Cayley transform of the skew block returned here (the inverse transform). Raises,
+        naming the layer, when a block has the eigenvalue −1 (no skew block gives it)."""
+        with torch.no_grad():
+            blocks = collapse_butterfly(self.orthogonal_blocks())  # (d/B, B, B)
+            try:
+                q = inverse_cayley(blocks)
+                error = (cayley(q) - blocks).abs().max().item() if q.numel() else 0.0
+            except torch.linalg.LinAlgError:  # I + R singular: the eigenvalue −1 exactly
+                error = float("inf")
+        if not error <= 1e-4:
+            raise ValueError(f"{self.shape.describe()}: a rotation block has an eigenvalue near −1, so no one-factor "
+                             f"BOFT (block size {butterfly_span(self.block_size, self.n_factors)}) reproduces it "
+                             f"(round-trip error {error:.2g}); save it without peft_compatible (boftvision and "
+                             "PEFT with its CUDA extension load it as it is)")
+        return q.unsqueeze(0)  # (1, d/B, B, B); the skew part of a skew block is itself
+
+    @classmethod
+    def stock_peft_config(cls, config: BOFTConfig) -> BOFTConfig:
+        """One factor, blocks b·2^(m−1) wide (or N/2^(m−1) of them): what PEFT builds without its CUDA
+        extension, and equal to this adapter with :meth:`stock_peft_state`."""
+        m = config.n_butterfly_factor
+        if m == 1:
+            return config
+        return dataclasses.replace(config, n_butterfly_factor=1,
+                                   block_size=config.block_size * 2 ** (m - 1) if config.block_size else 0,
+                                   block_num=config.block_num // 2 ** (m - 1) if config.block_num else 0)
+
+    def stock_peft_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.n_factors == 1 else {"boft_R": self.single_factor_blocks()}

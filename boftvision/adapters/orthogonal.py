@@ -19,8 +19,15 @@ from torch.autograd.function import once_differentiable
 
 from ..config import BOFTConfig, OFTConfig
 from ..ops.orthogonal import (
-    apply_dropout_mask, apply_factor, butterfly_apply, butterfly_span, check_butterfly_shape, collapse_butterfly,
-    max_butterfly_factors, multiplicative_dropout_mask, rotate_weight,
+    apply_dropout_mask,
+    apply_factor,
+    butterfly_apply,
+    butterfly_span,
+    check_butterfly_shape,
+    collapse_butterfly,
+    max_butterfly_factors,
+    multiplicative_dropout_mask,
+    rotate_weight,
 )
 from .base import Adapter, LayerShape, compute_dtype
 
@@ -88,6 +95,13 @@ class OrthogonalAdapter(Adapter):
         return None
 
     # --- shared -------------------------------------------------------------------------
+    def set_interpolation(self, n_identity: int, reset_scale: bool = False) -> None:
+        """Butterfly interpolation: the leftmost ``n_identity`` components of R act as I (all of them
+        when n_identity ≥ m); ``reset_scale`` also sets the output scale to 1. Changes what the forward
+        uses, never the parameters; ``set_interpolation(0)`` restores the adapter."""
+        self.identity_factors = n_identity
+        self.reset_scale = reset_scale
+
     def orthogonal_blocks(self) -> torch.Tensor:
         return self.blocks_from_raw(self.raw())
 

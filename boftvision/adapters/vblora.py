@@ -8,8 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..ops.vector_bank import lora_factors
+from ..ops.vector_bank import lora_factors, topk_compress, topk_expand
 from .base import AdditiveAdapter, LayerShape, conv_like
+
+BANK_KEY = "base_model.vblora_vector_bank"  # PEFT's file key of the shared bank
+TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"  # suffixes of save_only_topk_weights files
 
 
 def new_vector_bank(config: VBLoRAConfig, device: torch.device | None = None) -> nn.Parameter:
@@ -44,10 +47,43 @@ class VBLoRA(AdditiveAdapter):
         self.vblora_logits_B = nn.Parameter(torch.randn(shape.n // length, config.r, config.num_vectors)
                                             * config.init_logits_std)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.topk_only = False  # set when loaded from a save_only_topk_weights file
+
+    @classmethod
+    def shared_parameters(cls, config: VBLoRAConfig, device=None) -> dict:
+        return {"bank": new_vector_bank(config, device)}
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {BANK_KEY: self.vblora_vector_bank}
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"vector_bank": [self.vblora_vector_bank], "logits": [self.vblora_logits_A, self.vblora_logits_B]}
+
+    @classmethod
+    def to_file(cls, state: dict[str, torch.Tensor], config: VBLoRAConfig) -> dict[str, torch.Tensor]:
+        """``save_only_topk_weights``: each logits tensor becomes its top-k indices and k−1 weights."""
+        if not config.save_only_topk_weights:
+            return state
+        state = dict(state)
+        for key in [k for k in state if "vblora_logits" in k]:
+            state[key + TOPK_INDICES], state[key + TOPK_WEIGHTS] = topk_compress(state.pop(key), config.topk)
+        return state
+
+    @classmethod
+    def from_file(cls, state: dict[str, torch.Tensor], config: VBLoRAConfig) -> tuple[dict[str, torch.Tensor], bool]:
+        """Logits re-expanded from a top-k file (then usable for inference and merging only)."""
+        keys = [k for k in state if k.endswith(TOPK_INDICES)]
+        state = dict(state)
+        for key in keys:
+            bad = int(((state[key] < 0) | (state[key] >= config.num_vectors)).sum())
+            if bad:
+                raise ValueError(f"{key} has {bad} indices outside [0, {config.num_vectors}) (the bank's size); "
+                                 "the file is corrupt or belongs to another config")
+            base = key[: -len(TOPK_INDICES)]
+            state[base] = topk_expand(state.pop(key), state.pop(base + TOPK_WEIGHTS), config.num_vectors)
+        return state, bool(keys)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training and self.topk_only and torch.is_grad_enabled():
+        if self.training and self.inference_only and torch.is_grad_enabled():
             raise RuntimeError(f"{self.shape.describe()}: this VB-LoRA adapter was loaded from a "
                                "save_only_topk_weights file (logits discarded); it can be used for inference "
                                "and merging only — retrain from a file saved with save_only_topk_weights=False")

@@ -15,7 +15,30 @@ from ..files import is_regular_file
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def list_images(folder: str | Path, what: str) -> list[Path]:
+def check_images(paths: list[Path], what: str, skip_bad: bool = False) -> list[Path]:
+    """Decode every image up front (DreamBooth sets are small): every unreadable one is listed at once,
+    before any training; ``skip_bad`` drops them with a warning instead."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            bad.append(f"{path.name} ({err})")
+    if bad and not skip_bad:
+        raise ValueError(f"{what}: {len(bad)} image(s) cannot be read: {'; '.join(bad[:10])}"
+                         f"{' …' if len(bad) > 10 else ''}. Re-save or remove them, or pass --skip_bad_files")
+    if bad:
+        warnings.warn(f"{what}: skipping {len(bad)} unreadable image(s): {'; '.join(bad[:10])}", stacklevel=2)
+        names = {b.split(" (")[0] for b in bad}
+        paths = [p for p in paths if p.name not in names]
+        if not paths:
+            raise ValueError(f"{what}: no readable image left")
+    return paths
+
+
+def list_images(folder: str | Path, what: str, check: bool = False, skip_bad: bool = False) -> list[Path]:
+    """The folder's images (regular files with an image suffix), sorted; ``check`` decodes each."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} {folder} does not exist")
@@ -28,7 +51,7 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
     if not images:
         raise ValueError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put the "
                          "subject's photos there")
-    return images
+    return check_images(images, f"{what} {folder}", skip_bad) if check else images
 
 
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
@@ -47,9 +70,9 @@ class DreamBoothDataset(Dataset):
     ``size``, center- or randomly cropped, flipped at random, scaled to [−1, 1]."""
 
     def __init__(self, instance_dir, instance_prompt, tokenizer, size, center_crop=False,
-                 class_dir=None, class_prompt=None):
-        self.instances = list_images(instance_dir, "--instance_data_dir")
-        self.classes = list_images(class_dir, "--class_data_dir") if class_dir else []
+                 class_dir=None, class_prompt=None, skip_bad_files=False):
+        self.instances = list_images(instance_dir, "--instance_data_dir", True, skip_bad_files)
+        self.classes = list_images(class_dir, "--class_data_dir", True, skip_bad_files) if class_dir else []
         self.size, self.center_crop = size, center_crop
         self.instance_ids = tokenize(tokenizer, instance_prompt)
         self.class_ids = tokenize(tokenizer, class_prompt) if class_dir else None

@@ -15,7 +15,8 @@ from ..files import is_regular_file
 # name → (image dir, mask dir) relative to the data root, as HQ-SAM's training script uses them
 TRAIN_SETS = {
     "DIS5K-TR": ("DIS5K/DIS-TR/im", "DIS5K/DIS-TR/gt"),
-    "ThinObject5K-TR": ("thin_object_detection/ThinObject5K/images_train", "thin_object_detection/ThinObject5K/masks_train"),
+    "ThinObject5K-TR": ("thin_object_detection/ThinObject5K/images_train",
+                        "thin_object_detection/ThinObject5K/masks_train"),
     "FSS-1000": ("cascade_psp/fss_all", "cascade_psp/fss_all"),
     "DUTS-TR": ("cascade_psp/DUTS-TR", "cascade_psp/DUTS-TR"),
     "DUTS-TE": ("cascade_psp/DUTS-TE", "cascade_psp/DUTS-TE"),
@@ -26,7 +27,8 @@ EVAL_SETS = {
     "DIS5K-VD": ("DIS5K/DIS-VD/im", "DIS5K/DIS-VD/gt"),
     "COIFT": ("thin_object_detection/COIFT/images", "thin_object_detection/COIFT/masks"),
     "HRSOD": ("thin_object_detection/HRSOD/images", "thin_object_detection/HRSOD/masks_max255"),
-    "ThinObject5K-TE": ("thin_object_detection/ThinObject5K/images_test", "thin_object_detection/ThinObject5K/masks_test"),
+    "ThinObject5K-TE": ("thin_object_detection/ThinObject5K/images_test",
+                        "thin_object_detection/ThinObject5K/masks_test"),
 }
 IMAGE_EXT, MASK_EXT = (".jpg", ".jpeg"), (".png",)
 

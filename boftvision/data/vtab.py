@@ -52,7 +52,8 @@ class VTABDataset(Dataset):
                                     f"NOAH's vtab-1k release (tasks: {', '.join(TASKS)})")
         listing = folder / f"{split}.txt"
         if not listing.is_file():
-            raise FileNotFoundError(f"{listing} is missing: each task folder holds {', '.join(s + '.txt' for s in SPLITS)}")
+            raise FileNotFoundError(f"{listing} is missing: each task folder holds "
+                                    f"{', '.join(s + '.txt' for s in SPLITS)}")
         self.num_classes = num_classes or TASKS.get(task)
         if self.num_classes is None:
             raise ValueError(f"task {task!r} is not one of the 19 VTAB tasks; pass num_classes for other folders")

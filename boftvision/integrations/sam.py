@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ATTENTION = r"transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)|final_attn_token_to_image)\.(q_proj|k_proj|v_proj|out_proj)"
+_ATTENTION = (r"transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+              r"|final_attn_token_to_image)\.(q_proj|k_proj|v_proj|out_proj)")
 _MLP = r"transformer\.layers\.\d+\.mlp\.lin[12]"
 _HEADS = r"(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.\d+"
 # regexes over the names inside a Sam model ("mask_decoder." prefix) or a bare MaskDecoder
@@ -124,7 +125,8 @@ def build_sam(config: dict, checkpoint: str | None = None):
     sam = Sam(
         image_encoder=ImageEncoderViT(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
                                       depth=c["depth"], num_heads=c["num_heads"], out_chans=c["out_chans"],
-                                      window_size=c["window_size"], global_attn_indexes=tuple(c["global_attn_indexes"]),
+                                      window_size=c["window_size"],
+                                      global_attn_indexes=tuple(c["global_attn_indexes"]),
                                       use_rel_pos=True),
         prompt_encoder=PromptEncoder(embed_dim=c["out_chans"], image_embedding_size=(grid, grid),
                                      input_image_size=(c["img_size"], c["img_size"]), mask_in_chans=16),

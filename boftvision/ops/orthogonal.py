@@ -1,6 +1,6 @@
 """Orthogonal-transform math for OFT and BOFT: pure functions on tensors, no module state.
 
-Notation (see PAPERS.md): a layer has input width ``d``; the rotation ``R`` (d×d) is the product of
+Notation (the BOFT paper's): a layer has input width ``d``; the rotation ``R`` (d×d) is the product of
 ``m`` butterfly factors ``R = B_{m-1} ⋯ B_0`` with ``B_i = P_i · blockdiag(D_i) · P_iᵀ``. Each ``D_i`` holds
 ``N = d / b`` orthogonal blocks of size ``b``. ``P_0`` is the identity; ``P_i`` (i ≥ 1) reorders the
 ``b/2``-wide chunks of every segment of ``b·2^i`` features even-indexed first, then odd, exactly as
@@ -46,6 +46,18 @@ def cayley(q: torch.Tensor) -> torch.Tensor:
     q = q.float()
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+def inverse_cayley(r: torch.Tensor) -> torch.Tensor:
+    """The skew blocks ``Q`` with ``cayley(Q) == R``: ``Q = (I + R)⁻¹(I − R)``, batched, fp32.
+
+    Exists when no block of R has the eigenvalue −1 (``I + R`` singular); the caller checks the round
+    trip. r: (..., b, b) orthogonal → (..., b, b) skew-symmetric.
+    """
+    r = r.float()
+    eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)
+    q = torch.linalg.solve(eye + r, eye - r)
+    return 0.5 * (q - q.transpose(-1, -2))  # exactly skew (removes rounding)
 
 
 def cayley_neumann(q: torch.Tensor, num_terms: int = 5) -> torch.Tensor:

@@ -1,0 +1,33 @@
+"""Stable Diffusion (diffusers), split by concern: ``pipeline`` (presets, loading with adapters, loss,
+schedule, merged export), ``control`` (the control-signal encoder and hook), ``tiny`` (the embedded
+tiny pipeline's architecture)."""
+from .control import ControlEncoder, control_signal
+from .pipeline import (
+    DIFFUSERS_LORA_NAME,
+    EMBEDDED,
+    EMBEDDED_ADAPTER,
+    EMBEDDED_CONTROL,
+    TEXT_ENCODER_PRESETS,
+    UNET_ATTENTION,
+    UNET_PRESETS,
+    adapter_parts,
+    attach_adapters,
+    denoising_loss,
+    diffusers_lora_file,
+    export_merged,
+    frozen_pipeline,
+    image_grid,
+    load_diffusers_lora,
+    load_pipeline,
+    lr_scheduler_from_args,
+    read_model_card,
+    save_diffusers_lora,
+)
+from .tiny import TINY, build_clip_tokenizer, bytes_to_unicode, pipeline_from_components, tiny_components
+
+__all__ = ["ControlEncoder", "control_signal", "EMBEDDED", "EMBEDDED_ADAPTER", "EMBEDDED_CONTROL",
+           "TEXT_ENCODER_PRESETS", "UNET_ATTENTION", "UNET_PRESETS", "adapter_parts", "attach_adapters",
+           "denoising_loss", "export_merged", "frozen_pipeline", "image_grid", "load_pipeline",
+           "lr_scheduler_from_args", "read_model_card", "DIFFUSERS_LORA_NAME", "diffusers_lora_file",
+           "load_diffusers_lora", "save_diffusers_lora", "TINY", "build_clip_tokenizer", "bytes_to_unicode",
+           "pipeline_from_components", "tiny_components"]

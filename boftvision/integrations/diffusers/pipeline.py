@@ -1,0 +1,256 @@
+"""Stable Diffusion pipelines: target presets for the UNet and the CLIP text encoder, loading with
+adapters attached, the training loss and schedule, merged export.
+
+Adapter directories follow PEFT's DreamBooth example: ``DIR/unet/`` and optionally
+``DIR/text_encoder/``, each an ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ... import io as adapter_io
+from ...config import LoRAConfig
+from ...files import atomic_folder
+from ...inject import adapted_layers, adapter_configs, merge_and_unload, remove_adapter
+from .control import control_signal
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+UNET_PRESETS = {
+    "attention": UNET_ATTENTION,
+    "attention_ff": UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+    # + the ResNet convolutions (conv1/conv2 of every ResNet block, and its 1×1 shortcut)
+    "all": UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
+                             "conv_shortcut"],
+}
+TEXT_ENCODER_PRESETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "qv": ["q_proj", "v_proj"],  # PEFT's BOFT DreamBooth example
+    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+EMBEDDED = Path(__file__).resolve().parents[2] / "assets" / "tiny-sd"
+EMBEDDED_ADAPTER = EMBEDDED.parent / "tiny-sd-sks-boft"  # bundled DreamBooth BOFT adapter (see its README)
+EMBEDDED_CONTROL = EMBEDDED.parent / "tiny-sd-position-boft"  # bundled shape-position control (see its README)
+
+
+def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A ``StableDiffusionPipeline`` from a hub id or local folder (default: the embedded tiny model),
+    without the safety checker (DreamBooth and interpolation look at raw outputs)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(name_or_path)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json: give a diffusers pipeline folder "
+                                "(save_pretrained layout) or a hub id such as 'runwayml/stable-diffusion-v1-5'")
+    pipe = StableDiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def frozen_pipeline(name_or_path: str | Path, accelerator):
+    """For training scripts: the pipeline with every module frozen and cast to the mixed-precision
+    dtype on the accelerator's device (adapters added afterwards stay fp32), its DDPM training
+    scheduler, and that dtype."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(name_or_path)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False).to(accelerator.device, dtype=dtype)
+    return pipe, DDPMScheduler.from_config(pipe.scheduler.config), dtype
+
+
+def lr_scheduler_from_args(args, optimizer, num_processes: int):
+    """diffusers' named schedule over ``--max_train_steps`` (× processes: a prepared scheduler steps
+    once per process for each optimizer step, as in diffusers' scripts)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
+
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+PARTS = ("unet", "text_encoder")
+
+
+def diffusers_lora_file(path: str | Path) -> Path | None:
+    """The diffusers/kohya LoRA file ``path`` names (the file, or a folder holding
+    pytorch_lora_weights.safetensors and no unet/ adapter folder), else None."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    ours = (path / "unet" / adapter_io.CONFIG_NAME).is_file()
+    if path.is_dir() and (path / DIFFUSERS_LORA_NAME).is_file() and not ours:
+        return path / DIFFUSERS_LORA_NAME
+    return None
+
+
+def adapter_parts(adapter_dir: str | Path) -> dict[str, Path]:
+    """{"unet": DIR/unet, "text_encoder": DIR/text_encoder} for the parts the directory has."""
+    adapter_dir = Path(adapter_dir)
+    parts = {name: adapter_dir / name for name in PARTS if (adapter_dir / name / adapter_io.CONFIG_NAME).is_file()}
+    if not parts:
+        raise FileNotFoundError(f"{adapter_dir} has neither unet/{adapter_io.CONFIG_NAME} nor "
+                                f"text_encoder/{adapter_io.CONFIG_NAME} nor {DIFFUSERS_LORA_NAME}: give the "
+                                "output_dir of train_dreambooth_boft.py (or its adapter/ folder), or a LoRA file")
+    return parts
+
+
+def attach_adapters(pipe, adapter_dir: str | Path, name: str = "default") -> list[str]:
+    """Load DIR/unet (and DIR/text_encoder) into the pipeline's modules — or a diffusers/kohya LoRA file
+    (see :func:`load_diffusers_lora`); returns the parts loaded."""
+    lora_file = diffusers_lora_file(adapter_dir)
+    if lora_file is not None:
+        return load_diffusers_lora(pipe, lora_file, name)
+    parts = adapter_parts(adapter_dir)
+    for part, folder in parts.items():
+        adapter_io.load_adapter(getattr(pipe, part), folder, name=name)
+    return list(parts)
+
+
+def save_diffusers_lora(pipe, out_dir: str | Path) -> Path:
+    """Write the pipeline's active LoRA adapters (UNet and, when adapted, text encoder) as diffusers'
+    ``pytorch_lora_weights.safetensors``, through diffusers' own ``save_lora_weights``, so that
+    ``pipe.load_lora_weights(out_dir)`` applies them. diffusers scales a LoRA by alpha/r only when it
+    knows alpha; the file carries none, so the scale alpha/r is folded into ``lora_B`` (scale 1)."""
+    from diffusers import StableDiffusionPipeline
+
+    layers = {}
+    for part in PARTS:
+        model = getattr(pipe, part, None)
+        if model is None or not adapter_configs(model):
+            continue
+        state = {}
+        for layer_name, layer in adapted_layers(model):
+            adapter = layer.adapters[layer.active] if layer.active else None
+            if adapter is None:
+                continue
+            if adapter.config.method != "lora":
+                raise ValueError(f"{part}.{layer_name} holds a {adapter.config.method} adapter; diffusers' LoRA "
+                                 "format holds LoRA only — export a merged pipeline (export_merged) instead")
+            state[f"{layer_name}.lora_A.weight"] = adapter.lora_A.weight.detach().float().cpu().contiguous()
+            state[f"{layer_name}.lora_B.weight"] = (adapter.lora_B.weight.detach().float() * adapter.scaling).cpu()
+        layers[part] = state
+    if not layers:
+        raise ValueError("the pipeline has no LoRA adapter to export")
+    with atomic_folder(out_dir, owns={DIFFUSERS_LORA_NAME}) as tmp:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers.get("unet"),
+                                                  text_encoder_lora_layers=layers.get("text_encoder"),
+                                                  safe_serialization=True)
+    return Path(out_dir) / DIFFUSERS_LORA_NAME
+
+
+def load_diffusers_lora(pipe, path: str | Path, name: str = "default") -> list[str]:
+    """Load a diffusers LoRA file (``save_lora_weights``'s, PEFT keys or diffusers' older ones) or a
+    kohya/AUTOMATIC1111 one (``lora_unet_…``/``lora_te_…``, converted by diffusers) as boftvision LoRA
+    adapters on the UNet and text encoder, with the scale diffusers applies (alpha from the file's
+    metadata or network alphas, else r). Safetensors only (never a pickle)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    path = Path(path)
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(path.parent), weight_name=path.name, use_safetensors=True, unet_config=pipe.unet.config,
+        return_lora_metadata=True)
+    alphas, metadata = alphas or {}, metadata or {}
+    loaded = []
+    with ExitStack() as undo:
+        for part in PARTS:
+            prefix = f"{part}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not own:
+                continue
+            model = getattr(pipe, part, None)
+            if model is None:
+                raise ValueError(f"{path} holds {part} LoRA keys but the pipeline has no {part}")
+            own = convert_unet_state_dict_to_peft(own) if part == "unet" else convert_state_dict_to_peft(own)
+            config, tensors = _lora_config_and_tensors(own, alphas, metadata, part, path)
+            config.base_model_name_or_path = str(path)
+            adapter_io.load_adapter_state(model, config, tensors, name, source=f"{path} ({part})")
+            undo.callback(remove_adapter, model, name)
+            loaded.append(part)
+        undo.pop_all()  # everything loaded: keep it
+    if not loaded:
+        keys = sorted(state)[:3]
+        raise ValueError(f"{path} holds no UNet or text-encoder LoRA keys (first keys: {keys}); is it a LoRA for "
+                         "Stable Diffusion 1.x/2.x?")
+    return loaded
+
+
+def _lora_config_and_tensors(state: dict, alphas: dict, metadata: dict, part: str, source) -> tuple:
+    """One LoRA config for a part's PEFT-keyed tensors, the scale alpha/r folded into B per module."""
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k or ".lora_B." in k})
+    unknown = sorted(k for k in state if ".lora_A." not in k and ".lora_B." not in k)
+    if unknown:
+        raise ValueError(f"{source}: {part} keys boftvision cannot read: {unknown[:3]} (LoRA A/B weights only; "
+                         "DoRA, LoHa, LoKr and bias terms are not supported)")
+    ranks = {m: state[f"{m}.lora_A.weight"].shape[0] for m in modules}
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"{source}: {part} LoRA ranks differ between modules ({sorted(set(ranks.values()))}); "
+                         "boftvision's LoRAConfig has one rank per adapter")
+    r = next(iter(ranks.values()))
+    meta = {k[len(part) + 1:]: v for k, v in metadata.items() if k.startswith(f"{part}.")}  # the LoraConfig saved
+    for option in ("use_dora", "use_rslora", "alpha_pattern", "rank_pattern"):
+        if meta.get(option):
+            raise ValueError(f"{source}: {part} LoRA saved with {option}={meta[option]!r}, which boftvision's LoRA "
+                             "does not implement; load it with diffusers, or merge it there first")
+    tensors = {}
+    for m in modules:
+        alpha = alphas.get(f"{part}.{m}.alpha", alphas.get(f"{m}.alpha", meta.get("lora_alpha") or r))
+        tensors[f"{adapter_io.PREFIX}{m}.lora_A.weight"] = state[f"{m}.lora_A.weight"]
+        tensors[f"{adapter_io.PREFIX}{m}.lora_B.weight"] = state[f"{m}.lora_B.weight"] * (float(alpha) / r)
+    config = LoRAConfig(r=r, alpha=float(r), target_modules=modules)
+    return config, tensors
+
+
+def export_merged(pipe, out_dir: str | Path) -> None:
+    """Merge the active adapters into the weights and ``save_pretrained`` a plain pipeline (written
+    whole: a temporary sibling, then a rename); ``StableDiffusionPipeline.from_pretrained`` loads it."""
+    for part in PARTS:
+        setattr(pipe, part, merge_and_unload(getattr(pipe, part)))
+    with atomic_folder(out_dir) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tensor, ids: torch.Tensor,
+                   dtype: torch.dtype, control: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example MSE of the UNet's noise (or v) prediction at random timesteps: the training loss of
+    DreamBooth and of the control script. ``control``: features added after ``conv_in``."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    context = text_encoder(ids)[0]
+    if control is None:
+        pred = unet(noisy, t, context).sample
+    else:
+        with control_signal(unet, control):
+            pred = unet(noisy, t, context).sample
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+        noise_scheduler.get_velocity(latents, noise, t)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def image_grid(images, cols: int, min_cell: int = 128):
+    """Images pasted into rows of ``cols``; small images are scaled up (nearest) to ``min_cell`` px."""
+    from PIL import Image
+
+    w, h = images[0].size
+    scale = max(1, min_cell // w)
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+
+
+def read_model_card(path: str | Path = EMBEDDED) -> dict:
+    card = Path(path) / "boftvision_training.json"
+    return json.loads(card.read_text()) if card.is_file() else {}

@@ -1,0 +1,80 @@
+"""The embedded tiny Stable Diffusion pipeline's architecture: a small VAE, UNet and CLIP text encoder
+with a word-level BPE tokenizer, built from configs (random weights; trained by
+``train_scripts/train_tiny_sd.py``)."""
+from __future__ import annotations
+
+import torch
+
+TINY = {"image_size": 32, "latent_channels": 4, "width": 32, "text_width": 32, "max_length": 16}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table (base symbols of the BPE)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def build_clip_tokenizer(words: list[str], max_length: int):
+    """A CLIP BPE tokenizer whose merges spell each of ``words`` as one token; any other text still
+    tokenizes (into byte-level pieces), as with CLIP's own vocabulary."""
+    from transformers import CLIPTokenizer
+
+    chars = list(bytes_to_unicode().values())
+    vocab, merges = chars + [c + "</w>" for c in chars], []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if (symbols[0], symbols[1]) not in merges:
+                merges.append((symbols[0], symbols[1]))
+            if merged not in vocab:
+                vocab.append(merged)
+            symbols = [merged, *symbols[2:]]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+
+
+def tiny_components(words: list[str], seed: int = 0) -> dict:
+    """Untrained components of the embedded pipeline: VAE (32 px → 4×16×16 latents), UNet with
+    cross-attention at both resolutions (width 32/64), 2-layer CLIP text encoder, tokenizer, DDPM."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    t = TINY
+    tokenizer = build_clip_tokenizer(words, t["max_length"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=t["text_width"], intermediate_size=2 * t["text_width"],
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=t["max_length"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=t["text_width"]))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=t["latent_channels"],
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                        sample_size=t["image_size"])
+    unet = UNet2DConditionModel(
+        sample_size=t["image_size"] // 2, in_channels=t["latent_channels"], out_channels=t["latent_channels"],
+        block_out_channels=(t["width"], 2 * t["width"]), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=t["text_width"], attention_head_dim=8)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
+
+
+def pipeline_from_components(components: dict):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config)
+    pipe = StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                   tokenizer=components["tokenizer"], unet=components["unet"], scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

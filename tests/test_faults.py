@@ -1,0 +1,219 @@
+"""Runs that survive faults (docs/reliability.md): kills at random moments, preemption signals,
+divergence, incomplete checkpoints, resumes with other settings, bad files, unwritable folders.
+The runs are ``tests/fault_run.py``: the step loop every step-based script uses."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, LINEAR
+from PIL import Image
+from safetensors.torch import load_file
+
+import boftvision as bv
+from boftvision.data.dreambooth import list_images
+from boftvision.training import (
+    TrainingDiverged,
+    claim_output_dir,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import fault_run  # noqa: E402
+
+STEPS = 24
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "fault_run.py"), "--output_dir", str(out), "--max_train_steps", str(STEPS),
+            "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "2", *extra]
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent)}
+    return subprocess.Popen(command(out, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's adapter."""
+    out = tmp_path_factory.mktemp("reference")
+    fault_run.main(command(out)[2:])
+    return adapter(out)
+
+
+def assert_everything_loads(out: Path) -> None:
+    """No kill ever leaves an output that fails to load: the checkpoint `latest` picks, every complete
+    checkpoint, and the adapter folder when there is one."""
+    model = bv.add_adapter(fault_run_model(), CONFIGS["boft"](["0", "2"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    for path in list_checkpoints(out):
+        assert path.name.startswith("checkpoint-") and (path / "state.json").is_file(), path
+        torch.load(path / "training_state.pt", weights_only=True)
+    latest = resolve_checkpoint(out, "latest")
+    if latest is not None:
+        load_checkpoint(latest, model, optimizer, None)
+    if (out / "adapter").exists():
+        bv.load_adapter(fault_run_model(), out / "adapter")
+
+
+def fault_run_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+
+
+def soak(tmp_path, reference, kills: int, seed: int) -> None:
+    rng, out = random.Random(seed), tmp_path / "run"
+    done = 0
+    while done < kills:
+        before = len(list_checkpoints(out)) and int(list_checkpoints(out)[-1].name.split("-")[1])
+        proc = start(out, "--step_seconds", "0.03")
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # wait for progress, then kill somewhere
+            found = list_checkpoints(out)
+            if found and int(found[-1].name.split("-")[1]) > before:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.12))
+        if proc.poll() is not None:
+            break  # finished before the kill: nothing left to interrupt
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done += 1
+        assert_everything_loads(out)
+    final = start(out, "--step_seconds", "0.03")
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err[-2000:]
+    assert_everything_loads(out)
+    ours = adapter(out)
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        assert torch.equal(ours[key], reference[key]), key  # bit for bit
+    assert done >= min(kills, 3)
+
+
+def test_kill_soak_resumes_to_the_uninterrupted_result(tmp_path, reference):
+    soak(tmp_path, reference, kills=5, seed=0)
+
+
+@pytest.mark.slow
+def test_kill_soak_long(tmp_path, reference):
+    soak(tmp_path, reference, kills=20, seed=1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_signal_writes_a_checkpoint_and_resume_is_exact(tmp_path, reference, signum):
+    out, started = tmp_path / "run", tmp_path / "started"
+    proc = start(out, "--step_seconds", "0.1", "--checkpointing_steps", "1000", "--started_file", str(started))
+    deadline = time.time() + 60
+    while not started.exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.5)  # a few steps in
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "--resume_from_checkpoint latest" in err + _ and len(list_checkpoints(out)) == 1
+    stopped_at = int(list_checkpoints(out)[0].name.split("-")[1])
+    assert 0 < stopped_at < STEPS
+    final = start(out, "--step_seconds", "0.1", "--checkpointing_steps", "1000", "--started_file", str(started))
+    _, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err[-2000:]
+    ours = adapter(out)
+    for key in ours:
+        assert torch.equal(ours[key], reference[key]), key
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_finite_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"step \d+: the loss is (nan|inf)") as info:
+        fault_run.main(["--output_dir", str(out), "--learning_rate", "1e25", "--max_train_steps", "40"])
+    assert "lower --learning_rate" in str(info.value)
+    assert not (out / "adapter").exists()  # nothing non-finite written
+    latest = resolve_checkpoint(out, "latest")
+    if latest is not None:
+        state = torch.load(latest / "training_state.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_save_adapter_refuses_non_finite_tensors(tmp_path, net):
+    model = bv.add_adapter(net, CONFIGS["lora"](LINEAR))
+    with torch.no_grad():
+        model.fc1.adapters["default"].lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"fc1\.lora_B\.weight has 1 non-finite"):
+        bv.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    bv.save_adapter(model, tmp_path / "a", allow_nonfinite=True)
+
+
+def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
+    out = tmp_path / "run"
+    fault_run.main(["--output_dir", str(out), "--max_train_steps", "3"])
+    newest = out / "checkpoint-3"
+    data = (newest / "training_state.pt").read_bytes()
+    (newest / "training_state.pt").write_bytes(data[: len(data) // 2])  # what a kill -9 leaves
+    (newest / "state.json").unlink()
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint .*checkpoint-3"):
+        assert resolve_checkpoint(out, "latest") == out / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(out, str(newest))
+    with pytest.warns(UserWarning, match="checkpoint-3"):
+        result = fault_run.main(["--output_dir", str(out), "--max_train_steps", "4", "--resume_from_checkpoint",
+                                 "latest"])
+    assert result["step"] == 4 and len(result["losses"]) == 4
+
+
+def test_resume_with_other_settings_is_refused_by_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    fault_run.main(["--output_dir", str(out), "--max_train_steps", "2"])
+    with pytest.raises(ValueError, match=r"--boft_block_size: 4 in the checkpoint, 8 now"):
+        fault_run.main(["--output_dir", str(out), "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                        "--boft_block_size", "8"])
+    with pytest.raises(ValueError, match=r"--adapter: 'boft' in the checkpoint, 'lora' now"):
+        fault_run.main(["--output_dir", str(out), "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                        "--adapter", "lora"])
+    result = fault_run.main(["--output_dir", str(out), "--max_train_steps", "3", "--resume_from_checkpoint",
+                             "latest", "--learning_rate", "5e-3"])  # safe to change
+    assert result["step"] == 3
+    assert "--learning_rate changed: 0.01 → 0.005" in capsys.readouterr().out
+
+
+def test_bad_images_are_listed_before_training(tmp_path):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "good.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "noise.jpg").write_bytes(os.urandom(300))
+    with pytest.raises(ValueError, match=r"2 image\(s\) cannot be read: cut.png .*noise.jpg.*--skip_bad_files"):
+        list_images(tmp_path, "--instance_data_dir", check=True)
+    with pytest.warns(UserWarning, match="skipping 2 unreadable"):
+        assert [p.name for p in list_images(tmp_path, "--instance_data_dir", True, True)] == ["good.png"]
+
+
+def test_an_unwritable_output_dir_is_found_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot be written"):
+        claim_output_dir(blocker / "run")
+
+
+def test_checkpoint_state_json_records_the_settings(tmp_path):
+    out = tmp_path / "run"
+    fault_run.main(["--output_dir", str(out), "--max_train_steps", "1"])
+    settings = json.loads((out / "checkpoint-1" / "state.json").read_text())["settings"]
+    assert settings["adapter"] == "boft" and settings["boft_block_size"] == 4 and "lora_r" not in settings
