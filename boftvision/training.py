@@ -354,6 +354,17 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+def exit_for_signal(stop: "StopSignals", accelerator, step: int, resume_from: Path | None) -> None:
+    """The epoch-based loops on SIGTERM/SIGINT: stop after the current step, say where to resume (the
+    last epoch checkpoint: the work since then is redone, and the resumed run equals an uninterrupted
+    one) and exit with status 128 + the signal's number."""
+    name = signal.Signals(stop.signal).name
+    accelerator.print(f"\n{name}: stopped at step {step}. Continue with the same command plus "
+                      f"--resume_from_checkpoint latest (from {resume_from or 'the start'}; the steps since "
+                      "then are run again)")
+    raise SystemExit(128 + int(stop.signal))
+
+
 def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, models: list, optimizer, scheduler,
                 loader, loss_fn, validate=None) -> SimpleNamespace:
     """The optimizer-step loop of the step-based scripts (DreamBooth, control), prepared objects given.

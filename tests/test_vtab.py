@@ -91,6 +91,34 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     assert resumed["top1"] == full["top1"]
 
 
+def test_sigterm_stops_and_resume_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    """A real SIGTERM in the middle of epoch 3: the run exits with 143 and says how to resume; resuming
+    (from the epoch-2 checkpoint) ends where the uninterrupted run does."""
+    import os
+    import signal
+
+    args = ["--tasks", "dtd", "--epochs", "3"]
+    train_vtab_boft.main(common(tiny, tmp_path / "full", *args))
+    full = json.loads((tmp_path / "full" / "dtd" / "seed0" / "result.json").read_text())
+    real_loss, calls = torch.nn.functional.cross_entropy, []
+
+    def loss_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 10:  # step 10 of 12: inside epoch 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", loss_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        train_vtab_boft.main(common(tiny, tmp_path / "cut", *args))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_loss)
+    train_vtab_boft.main(common(tiny, tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"))
+    resumed = json.loads((tmp_path / "cut" / "dtd" / "seed0" / "result.json").read_text())
+    assert resumed["epoch_losses"] == pytest.approx(full["epoch_losses"], abs=1e-6)
+    assert resumed["top1"] == full["top1"]
+
+
 def test_two_tasks_give_the_paper_table(tiny, tmp_path):
     train_vtab_boft.main(common(tiny, tmp_path, "--tasks", "eurosat", "dtd", "--epochs", "1", "--seeds", "0", "1"))
     header, _, row = (tmp_path / "results.md").read_text().splitlines()

@@ -27,11 +27,14 @@ from boftvision.files import write_text_atomic
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
+    StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    exit_for_signal,
     make_optimizer,
     prepare_epochs,
+    resolve_checkpoint,
     run_settings,
     save_checkpoint,
     seed_everything,
@@ -142,26 +145,29 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
     start, history = run.state["epoch"], run.state.get("history", [])
     progress = tqdm(total=total, initial=start * steps_per_epoch, desc=f"seed {seed}",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(start, args.epochs):
-        model.train()  # from_pretrained returns the model in eval mode
-        running = 0.0
-        for batch in train_loader:
-            loss = model(**batch).loss
-            stop_if_diverged(loss, progress.n + 1)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.item()
-            progress.update(1)
-        metrics = evaluate(model, eval_loader, accelerator, regression)
-        history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
-        progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
-        if accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                            (epoch + 1) * steps_per_epoch,
-                            extra={"epoch": epoch + 1, "history": history, "settings": run_settings(args)},
-                            keep=args.checkpoints_total_limit)
+    with StopSignals() as stop:
+        for epoch in range(start, args.epochs):
+            model.train()  # from_pretrained returns the model in eval mode
+            running = 0.0
+            for batch in train_loader:
+                loss = model(**batch).loss
+                stop_if_diverged(loss, progress.n + 1)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if stop.signal:
+                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"))
+                running += loss.item()
+                progress.update(1)
+            metrics = evaluate(model, eval_loader, accelerator, regression)
+            history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
+            progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                                (epoch + 1) * steps_per_epoch,
+                                extra={"epoch": epoch + 1, "history": history, "settings": run_settings(args)},
+                                keep=args.checkpoints_total_limit)
     progress.close()
     result = {"seed": seed, "final": history[-1], "history": history, "trainable": counts.trainable,
               "stored": counts.stored}

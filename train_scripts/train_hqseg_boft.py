@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,10 +38,12 @@ from boftvision.integrations.sam import (
     segmentation_loss,
 )
 from boftvision.training import (
+    StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
     cosine_with_warmup,
+    exit_for_signal,
     load_checkpoint,
     make_optimizer,
     resolve_checkpoint,
@@ -120,32 +123,36 @@ def main(argv=None) -> dict:
     before = evaluate_sets(sam, eval_sets, cache) if state["epoch"] == 0 else state["before"]
 
     progress = tqdm(total=total, initial=state["epoch"] * steps_per_epoch, desc="hqseg")
-    for epoch in range(state["epoch"], args.epochs):
-        rng = np.random.default_rng([args.seed, epoch])  # resumable: the epoch fixes order and prompts
-        sam.train()
-        order, epoch_loss = rng.permutation(len(train_set)), 0.0
-        for start in range(0, len(order), args.batch_size):
-            loss = 0.0
-            for i in order[start:start + args.batch_size]:
-                image, mask, stem = train_set[i]
-                embedding = image_embedding(sam, image, cache / "train" / f"{stem}.pt" if cache else None)
-                logits = decode(sam, embedding, mask.shape, **prompt_for(sam, mask, rng))
-                full = logits_to_original(sam, logits, mask.shape)
-                loss = loss + segmentation_loss(full, torch.as_tensor(mask, dtype=torch.float32, device=full.device))
-            loss = loss / len(order[start:start + args.batch_size])
-            stop_if_diverged(loss, progress.n + 1)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            epoch_loss += loss.item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-        state["losses"].append(epoch_loss / steps_per_epoch)
-        state["validation"].append(evaluate_sets(sam, eval_sets, cache))
-        state["epoch"], state["before"], state["settings"] = epoch + 1, before, run_settings(args)
-        save_checkpoint(out, sam, optimizer, scheduler, (epoch + 1) * steps_per_epoch, extra=state,
-                        keep=args.checkpoints_total_limit)
+    with StopSignals() as stop:
+        for epoch in range(state["epoch"], args.epochs):
+            rng = np.random.default_rng([args.seed, epoch])  # resumable: the epoch fixes order and prompts
+            sam.train()
+            order, epoch_loss = rng.permutation(len(train_set)), 0.0
+            for start in range(0, len(order), args.batch_size):
+                loss = 0.0
+                for i in order[start:start + args.batch_size]:
+                    image, mask, stem = train_set[i]
+                    embedding = image_embedding(sam, image, cache / "train" / f"{stem}.pt" if cache else None)
+                    logits = decode(sam, embedding, mask.shape, **prompt_for(sam, mask, rng))
+                    full = logits_to_original(sam, logits, mask.shape)
+                    target = torch.as_tensor(mask, dtype=torch.float32, device=full.device)
+                    loss = loss + segmentation_loss(full, target)
+                loss = loss / len(order[start:start + args.batch_size])
+                stop_if_diverged(loss, progress.n + 1)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if stop.signal:
+                    exit_for_signal(stop, SimpleNamespace(print=print), progress.n, resolve_checkpoint(out, "latest"))
+                epoch_loss += loss.item()
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+            state["losses"].append(epoch_loss / steps_per_epoch)
+            state["validation"].append(evaluate_sets(sam, eval_sets, cache))
+            state["epoch"], state["before"], state["settings"] = epoch + 1, before, run_settings(args)
+            save_checkpoint(out, sam, optimizer, scheduler, (epoch + 1) * steps_per_epoch, extra=state,
+                            keep=args.checkpoints_total_limit)
     progress.close()
 
     result = {"before": before, "after": state["validation"][-1], "epoch_losses": state["losses"],

@@ -27,10 +27,12 @@ from boftvision.data.text import read_rows
 from boftvision.files import write_text_atomic
 from boftvision.integrations.language import add_task_adapter
 from boftvision.training import (
+    StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
     cosine_with_warmup,
+    exit_for_signal,
     load_checkpoint,
     make_optimizer,
     resolve_checkpoint,
@@ -107,27 +109,33 @@ def train(args) -> dict:
         step, losses = state["step"], state["losses"]
     progress = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process)
     model.train()  # from_pretrained returns the model in eval mode
-    while step < total:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                stop_if_diverged(loss, step + 1)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}")
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
-                                extra={"losses": losses, "settings": run_settings(args)},
-                                keep=args.checkpoints_total_limit)
-            if step >= total:
-                break
+    with StopSignals() as stop:
+        while step < total:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    stop_if_diverged(loss, step + 1)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                losses.append(loss.item())
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.3f}")
+                if stop.signal:  # a checkpoint at this step, then exit
+                    if accelerator.is_main_process:
+                        save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
+                                        extra={"losses": losses, "settings": run_settings(args)})
+                    exit_for_signal(stop, accelerator, step, out / f"checkpoint-{step}")
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                    save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
+                                    extra={"losses": losses, "settings": run_settings(args)},
+                                    keep=args.checkpoints_total_limit)
+                if step >= total:
+                    break
     progress.close()
     result = {"steps": step, "losses": losses, **vars(bv.count_parameters(accelerator.unwrap_model(model)))}
     if accelerator.is_main_process:

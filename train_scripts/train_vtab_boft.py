@@ -30,11 +30,14 @@ from boftvision.files import write_text_atomic
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
 from boftvision.training import (
+    StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    exit_for_signal,
     make_optimizer,
     prepare_epochs,
+    resolve_checkpoint,
     run_settings,
     save_checkpoint,
     seed_everything,
@@ -107,26 +110,29 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
 
     progress = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=f"{task} s{seed} lr{lr:g}",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        epoch_loss = 0.0
-        for images, labels in train_loader:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            stop_if_diverged(loss, progress.n + 1)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            epoch_loss += loss.item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-        losses.append(epoch_loss / max(1, len(train_loader)))
-        accelerator.log({f"{task}/seed{seed}/loss": losses[-1]}, step=epoch)
-        if (epoch + 1) % args.checkpointing_epochs == 0 and accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                            (epoch + 1) * steps_per_epoch,
-                            extra={"epoch": epoch + 1, "losses": losses, "settings": run_settings(args)},
-                            keep=args.checkpoints_total_limit)
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            epoch_loss = 0.0
+            for images, labels in train_loader:
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                stop_if_diverged(loss, progress.n + 1)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if stop.signal:
+                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"))
+                epoch_loss += loss.item()
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(epoch_loss / max(1, len(train_loader)))
+            accelerator.log({f"{task}/seed{seed}/loss": losses[-1]}, step=epoch)
+            if (epoch + 1) % args.checkpointing_epochs == 0 and accelerator.is_main_process:
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                                (epoch + 1) * steps_per_epoch,
+                                extra={"epoch": epoch + 1, "losses": losses, "settings": run_settings(args)},
+                                keep=args.checkpoints_total_limit)
     progress.close()
 
     accuracy = top1_accuracy(model, eval_loader, accelerator)
