@@ -21,6 +21,7 @@ from boftvision.integrations.diffusers import (
     EMBEDDED,
     EMBEDDED_CONTROL,
     ControlEncoder,
+    attach_adapters,
     control_signal,
     load_pipeline,
 )
@@ -137,3 +138,27 @@ def test_control_accelerate_launch_two_processes(setup, tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     assert ControlEncoder.load(tmp_path).out.weight.abs().max() > 0
+
+
+def test_control_lora_output_loads_in_diffusers(setup, tmp_path):
+    """A LoRA control run also writes diffusers' LoRA file (the UNet part: load_lora_weights gives the
+    UNet we trained) and, with --save_merged, a pipeline folder with that UNet merged."""
+    from diffusers import StableDiffusionPipeline
+
+    train_controlnet_boft.main(args(setup, tmp_path, "--adapter", "lora", "--max_train_steps", "3",
+                                    "--learning_rate", "5e-2", "--save_merged"))
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 16, 32, generator=g)
+
+    def unet_out(unet):
+        with torch.no_grad():
+            return unet(x, torch.tensor([10]), context).sample
+
+    ours = load_pipeline(setup / "model")
+    attach_adapters(ours, tmp_path)
+    theirs = load_pipeline(setup / "model")
+    theirs.load_lora_weights(str(tmp_path))
+    merged = StableDiffusionPipeline.from_pretrained(str(tmp_path / "merged"))
+    assert (unet_out(ours.unet) - unet_out(load_pipeline(setup / "model").unet)).abs().max() > 1e-4
+    torch.testing.assert_close(unet_out(theirs.unet), unet_out(ours.unet), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unet_out(merged.unet), unet_out(ours.unet), atol=1e-5, rtol=1e-5)

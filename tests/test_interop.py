@@ -94,6 +94,31 @@ def test_diffusers_lora_file_loads_here_as_diffusers_loads_it(tiny_sd, tmp_path)
     assert (unet_output(ours) - unet_output(load_pipeline(tiny_sd))).abs().max() > 1e-3
 
 
+def test_kohya_lora_file_loads_here_as_diffusers_loads_it(tiny_sd, tmp_path):
+    """The kohya / AUTOMATIC1111 layout (lora_unet_<path with underscores>.lora_down/lora_up/alpha), as
+    diffusers converts it: equal UNet outputs, alpha/r applied."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = load_pipeline(tiny_sd)
+    source.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    kohya = {}
+    for key, tensor in get_peft_model_state_dict(source.unet).items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(2.0)  # scale alpha/r = 0.5
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    theirs = load_pipeline(tiny_sd)
+    theirs.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
+    ours = load_pipeline(tiny_sd)
+    assert attach_adapters(ours, tmp_path / "kohya.safetensors") == ["unet"]
+    assert (unet_output(ours) - unet_output(load_pipeline(tiny_sd))).abs().max() > 1e-4
+    torch.testing.assert_close(unet_output(ours), unet_output(theirs), atol=1e-5, rtol=1e-5)
+
+
 def test_diffusers_lora_bad_input_names_the_problem(tiny_sd, tmp_path):
     from safetensors.torch import save_file
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate.utils import set_seed
@@ -34,9 +35,11 @@ from boftvision.integrations.diffusers import (
     ControlEncoder,
     control_signal,
     denoising_loss,
+    export_merged,
     frozen_pipeline,
     image_grid,
     lr_scheduler_from_args,
+    save_diffusers_lora,
 )
 from boftvision.training import (
     accelerator_from_args,
@@ -82,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--save_merged", action="store_true",
+                   help="also write output_dir/merged: the pipeline with the UNet adapter merged (control "
+                        "signals still come from the saved control encoder: generate --control)")
     p.add_argument("--peft_compatible", action="store_true",
                    help="save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere")
     p.add_argument("--max_nonfinite_steps", type=int, default=0,
@@ -194,11 +200,17 @@ def main(argv=None) -> dict:
               "trainable_parameters": counts.trainable, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
         if args.adapter != "none":
-            bv.save_adapter(accelerator.unwrap_model(unet), out / "unet", peft_compatible=args.peft_compatible)
+            bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
+        if args.adapter == "lora":  # also diffusers' format (the UNet's LoRA; the control encoder is ours)
+            save_diffusers_lora(SimpleNamespace(unet=unet, text_encoder=None), out)
         accelerator.unwrap_model(encoder).save(out)
         if args.validation_image:
             result["validation"].append(str(validate_at(run.step)))
+        if args.save_merged and args.adapter != "none":  # the UNet merged; control still needs the encoder
+            pipe.unet = unet.eval()
+            export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     accelerator.end_training()
     return result

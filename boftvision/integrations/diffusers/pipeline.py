@@ -167,8 +167,15 @@ def load_diffusers_lora(pipe, path: str | Path, name: str = "default") -> list[s
             model = getattr(pipe, part, None)
             if model is None:
                 raise ValueError(f"{path} holds {part} LoRA keys but the pipeline has no {part}")
-            own = convert_unet_state_dict_to_peft(own) if part == "unet" else convert_state_dict_to_peft(own)
-            config, tensors = _lora_config_and_tensors(own, alphas, metadata, part, path)
+            convert = convert_unet_state_dict_to_peft if part == "unet" else convert_state_dict_to_peft
+            own = convert(own)
+            # kohya alphas come keyed like their (old-style) weights: convert those keys the same way
+            part_alphas = {}
+            for key, alpha in alphas.items():
+                if key.startswith(prefix) and key.endswith(".alpha"):
+                    weight_key = next(iter(convert({key[len(prefix):-len(".alpha")]: torch.zeros(1)})))
+                    part_alphas[weight_key.rsplit(".lora_", 1)[0]] = alpha
+            config, tensors = _lora_config_and_tensors(own, part_alphas, metadata, part, path)
             config.base_model_name_or_path = str(path)
             adapter_io.load_adapter_state(model, config, tensors, name, source=f"{path} ({part})")
             undo.callback(remove_adapter, model, name)
@@ -182,7 +189,8 @@ def load_diffusers_lora(pipe, path: str | Path, name: str = "default") -> list[s
 
 
 def _lora_config_and_tensors(state: dict, alphas: dict, metadata: dict, part: str, source) -> tuple:
-    """One LoRA config for a part's PEFT-keyed tensors, the scale alpha/r folded into B per module."""
+    """One LoRA config for a part's PEFT-keyed tensors, the scale alpha/r folded into B per module
+    (``alphas``: module → alpha, from kohya files; else the saved LoraConfig's lora_alpha; else r)."""
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k or ".lora_B." in k})
     unknown = sorted(k for k in state if ".lora_A." not in k and ".lora_B." not in k)
     if unknown:
@@ -200,7 +208,7 @@ def _lora_config_and_tensors(state: dict, alphas: dict, metadata: dict, part: st
                              "does not implement; load it with diffusers, or merge it there first")
     tensors = {}
     for m in modules:
-        alpha = alphas.get(f"{part}.{m}.alpha", alphas.get(f"{m}.alpha", meta.get("lora_alpha") or r))
+        alpha = alphas.get(m, meta.get("lora_alpha") or r)
         tensors[f"{adapter_io.PREFIX}{m}.lora_A.weight"] = state[f"{m}.lora_A.weight"]
         tensors[f"{adapter_io.PREFIX}{m}.lora_B.weight"] = state[f"{m}.lora_B.weight"] * (float(alpha) / r)
     config = LoRAConfig(r=r, alpha=float(r), target_modules=modules)
