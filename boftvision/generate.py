@@ -29,6 +29,7 @@ from .integrations.diffusers import (
     load_pipeline,
 )
 from .interpolate import butterfly_interpolation, num_butterfly_components
+from .training import describe_flags
 
 
 def adapted_parts(pipe) -> list[torch.nn.Module]:
@@ -138,11 +139,12 @@ def main(argv=None) -> Path:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--num_images", type=int, default=4, help="without --interpolate")
-    p.add_argument("--interpolate", action="store_true")
+    p.add_argument("--interpolate", action="store_true",
+                   help="a grid of the butterfly interpolation path instead of samples")
     p.add_argument("--control", help="control image (needs an --adapter dir from train_controlnet_boft.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="generated.png")
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     if args.export and not args.adapter:
         p.error("--export needs --adapter (what to merge into --model)")
     if not (args.prompt or args.export):

@@ -29,6 +29,66 @@ from .config import AdapterConfig
 from .files import atomic_folder
 from .inject import parameter_groups
 
+# help of the flags many scripts share (diffusers' and transformers' names); a script's own flags carry
+# their help where they are defined
+FLAG_HELP = {
+    "pretrained_model_name_or_path": "a diffusers pipeline folder or hub id (default: the embedded tiny pipeline)",
+    "model_name_or_path": "a local model folder or hub id",
+    "output_dir": "where checkpoints, adapters and results go (refused if it holds another run)",
+    "seed": "random seed (data order, noise, initialisation)",
+    "seeds": "one run per seed",
+    "learning_rate": "peak learning rate",
+    "lr": "learning rate",
+    "weight_decay": "AdamW weight decay",
+    "train_batch_size": "examples per step and process",
+    "eval_batch_size": "examples per evaluation batch",
+    "batch_size": "examples per batch",
+    "gradient_accumulation_steps": "batches accumulated per optimizer step",
+    "max_train_steps": "optimizer steps to train",
+    "epochs": "passes over the training data",
+    "warmup_ratio": "share of the steps with linear learning-rate warm-up",
+    "lr_scheduler": "learning-rate schedule (diffusers' names)",
+    "lr_warmup_steps": "warm-up steps of the schedule",
+    "max_grad_norm": "gradient clipping norm",
+    "mixed_precision": "autocast dtype; adapters stay fp32",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "checkpointing_steps": "write a resumable checkpoint every N steps",
+    "checkpointing_epochs": "write a resumable checkpoint every N epochs",
+    "checkpoints_total_limit": "keep at most this many checkpoints (oldest removed)",
+    "resume_from_checkpoint": "'latest' (the newest complete checkpoint in --output_dir) or a checkpoint-<step> "
+                              "folder",
+    "report_to": "accelerate trackers: none, tensorboard, wandb, …",
+    "targets": "target-module preset of the model family",
+    "unet_targets": "UNet layers to adapt (preset)",
+    "text_encoder_targets": "text-encoder layers to adapt (preset)",
+    "device": "cpu or cuda",
+    "data_root": "dataset folder",
+    "cache_dir": "cache of image embeddings (reused across runs)",
+    "image_size": "input resolution",
+    "num_workers": "data-loading worker processes",
+    "dataloader_num_workers": "data-loading worker processes",
+    "validation_prompt": "prompt of the validation images",
+    "validation_steps": "draw validation images every N steps",
+    "num_validation_images": "validation images per check",
+    "num_inference_steps": "denoising steps of validation/generated images",
+    "steps": "denoising steps",
+    "guidance_scale": "classifier-free guidance scale",
+    "backbone_source": "where the backbone comes from: transformers (hub id or folder) or timm",
+    "timm_checkpoint": "local weights for a timm backbone",
+    "max_length": "tokens per example (longer ones truncated)",
+    "out": "output file or folder",
+}
+
+
+def describe_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every flag of ``parser`` without help its shared help text (:data:`FLAG_HELP`), with the
+    default shown."""
+    for action in parser._actions:
+        if action.help is None and action.dest in FLAG_HELP:
+            action.help = FLAG_HELP[action.dest] + (" (default: %(default)s)" if action.default not in (None, False)
+                                                    else "")
+    return parser
+
 
 def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
                           allow_none: bool = False) -> None:

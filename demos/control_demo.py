@@ -20,6 +20,7 @@ from boftvision.data.controlnet import write_triplets
 from boftvision.data.shapes import control_example
 from boftvision.generate import control_features, interpolation_path, labelled_grid
 from boftvision.integrations.diffusers import attach_adapters, load_pipeline
+from boftvision.training import describe_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
@@ -31,10 +32,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/tiny-position")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--train_examples", type=int, default=512)
+    p.add_argument("--train_examples", type=int, default=512, help="generated training triplets")
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     out = Path(args.output_dir)
     rng = np.random.default_rng(args.seed)
     train = write_triplets(out / "data" / "train", [control_example(rng, 32) for _ in range(args.train_examples)])

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import boftvision as bv
+from boftvision.training import describe_flags
 
 
 class Backbone(nn.Module):
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/core_demo")
-    args = parser.parse_args()
+    args = describe_flags(parser).parse_args()
 
     torch.manual_seed(args.seed)
     base, teacher = Backbone(), Backbone()

@@ -14,6 +14,8 @@ import random
 import sys
 from pathlib import Path
 
+from boftvision.training import describe_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 
@@ -67,12 +69,12 @@ RUNS = {  # label → adapter flags (all linear layers of the 6 encoder blocks)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train_size", type=int, default=600)
+    p.add_argument("--train_size", type=int, default=600, help="generated training sentences")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="outputs/minilm")
     p.add_argument("--docs", default=None, help="also rewrite the results table in this file (docs/language.md)")
-    p.add_argument("--runs", nargs="+", default=list(RUNS))
-    return p.parse_args(argv)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), help="which rows of the table to run")
+    return describe_flags(p).parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:

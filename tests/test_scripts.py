@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,34 @@ def test_expressiveness_script_writes_table_and_plot(tmp_path):
     table = (tmp_path / "expressiveness.md").read_text()
     assert "| BOFT(9,2) |" in table or "| BOFT(5,2) |" in table
     assert (tmp_path / "expressiveness.png").stat().st_size > 1000
+
+
+ENTRY_POINTS = [("train_dreambooth_boft", "parse_args"), ("train_controlnet_boft", "parse_args"),
+                ("train_vtab_boft", "parse_args"), ("eval_vtab", "main"), ("train_glue_boft", "parse_args"),
+                ("train_lm_boft", "parse_args"), ("train_hqseg_boft", "parse_args"), ("eval_hqseg", "main"),
+                ("eval_control", "main"), ("train_tiny_sd", "parse_args"), ("control_demo", "main"),
+                ("core_demo", "main"), ("minilm_glue_example", "parse_args"), ("boftvision.generate", "main")]
+
+
+@pytest.mark.parametrize("module,function", ENTRY_POINTS)
+def test_every_flag_has_help(monkeypatch, module, function):
+    import argparse
+    import importlib
+
+    for folder in ("train_scripts", "demos"):
+        monkeypatch.syspath_prepend(str(ROOT / folder))
+
+    class Parsed(Exception):
+        pass
+
+    def capture(self, *args, **kwargs):
+        raise Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    entry = getattr(importlib.import_module(module), function)
+    with pytest.raises(Parsed) as parsed:
+        entry() if module == "core_demo" else entry([])
+    parser = parsed.value.args[0]
+    silent = [a.option_strings or a.dest for a in parser._actions
+              if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+    assert silent == []

@@ -31,6 +31,7 @@ from boftvision.generate import control_features, generate
 from boftvision.inject import disable_adapter
 from boftvision.integrations.diffusers import EMBEDDED, adapter_parts, attach_adapters, load_pipeline
 from boftvision.metrics.control import face_alignment_detector, landmark_error, mask_iou_error
+from boftvision.training import describe_flags
 
 
 def object_mask(image: Image.Image, threshold: float = 60.0) -> np.ndarray:
@@ -65,20 +66,21 @@ def evaluate(pipe, adapter_dir, rows, control_type: str, seed: int, steps: int, 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(EMBEDDED))
+    p.add_argument("--model", default=str(EMBEDDED), help="the base pipeline (folder or hub id)")
     p.add_argument("--adapter", required=True, help="output_dir of train_controlnet_boft.py")
     p.add_argument("--data_dir", required=True, help="test triplets: folder with metadata.jsonl")
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let metadata.jsonl name files outside --data_dir (absolute or ../ paths)")
-    p.add_argument("--control_type", choices=["mask", "landmarks"], default="mask")
+    p.add_argument("--control_type", choices=["mask", "landmarks"], default="mask",
+                   help="what to measure: mask (IoU error) or landmarks (face alignment)")
     p.add_argument("--num_images", type=int, default=None, help="first N triplets (default: all)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare_base", action="store_true")
+    p.add_argument("--compare_base", action="store_true", help="also measure the base model without the adapter")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     rows = read_metadata(args.data_dir, allow_outside=args.allow_paths_outside_data_dir)[:args.num_images]
     detect = face_alignment_detector(args.device) if args.control_type == "landmarks" else None
     pipe = load_pipeline(args.model, device=args.device)

@@ -14,19 +14,20 @@ import torch
 import boftvision as bv
 from boftvision.data.hqseg import EVAL_SETS, HQSegDataset
 from boftvision.integrations.sam import build_sam, evaluate_sets, load_sam, scores_table
+from boftvision.training import describe_flags
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", required=True)
-    p.add_argument("--eval_sets", nargs="+", default=list(EVAL_SETS))
-    p.add_argument("--model_type", default="vit_h")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--sam_config", default=None)
+    p.add_argument("--eval_sets", nargs="+", default=list(EVAL_SETS), help="evaluation sets")
+    p.add_argument("--model_type", default="vit_h", help="SAM size: vit_b, vit_l or vit_h")
+    p.add_argument("--checkpoint", default=None, help="SAM checkpoint (.pth)")
+    p.add_argument("--sam_config", default=None, help="a JSON SAM config (tiny test models) instead of --model_type")
     p.add_argument("--adapter_dir", default=None, help="omit to evaluate the frozen decoder")
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     if args.sam_config:
         sam = build_sam(json.loads(Path(args.sam_config).read_text()), args.checkpoint)
     else:

@@ -16,6 +16,7 @@ import boftvision as bv
 from boftvision.data.vtab import VTABDataset
 from boftvision.integrations.dinov2 import Dinov2Classifier, load_backbone
 from boftvision.metrics.classification import top1_accuracy
+from boftvision.training import describe_flags
 
 
 def main(argv=None) -> float:
@@ -23,16 +24,17 @@ def main(argv=None) -> float:
     p.add_argument("--model_name_or_path", default="facebook/dinov2-large")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
     p.add_argument("--timm_checkpoint", default=None)
-    p.add_argument("--run_dir", required=True)
+    p.add_argument("--run_dir", required=True, help="a train_vtab_boft.py run folder (<output_dir>/<task>/seed<N>)")
     p.add_argument("--data_root", required=True)
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
     p.add_argument("--task", default=None, help="default: the task in run_dir/result.json")
-    p.add_argument("--split", default="test")
-    p.add_argument("--num_classes", type=int, default=None)
+    p.add_argument("--split", default="test", help="split file to evaluate")
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="classes of a task outside the 19 (default: read from the run)")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=128)
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     run_dir = Path(args.run_dir)
     task = args.task or json.loads((run_dir / "result.json").read_text())["task"]
 

@@ -46,6 +46,7 @@ from boftvision.training import (
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    describe_flags,
     list_checkpoints,
     make_optimizer,
     train_steps,
@@ -59,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
     p.add_argument("--dataset_name", help="a datasets hub name (online), e.g. oftverse/control-celeba-hq")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--conditioning_image_column", default="conditioning_image")
-    p.add_argument("--caption_column", default="text")
+    p.add_argument("--image_column", default="image", help="metadata.jsonl key of the target image")
+    p.add_argument("--conditioning_image_column", default="conditioning_image",
+                   help="metadata.jsonl key of the control image")
+    p.add_argument("--caption_column", default="text", help="metadata.jsonl key of the caption")
     p.add_argument("--unet_targets", choices=sorted(UNET_PRESETS), default="attention")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     p.add_argument("--train_batch_size", type=int, default=4)
@@ -75,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--validation_image", nargs="*", default=[])
+    p.add_argument("--validation_image", nargs="*", default=[], help="control image for the validation grid")
     p.add_argument("--validation_prompt", nargs="*", default=[])
     p.add_argument("--validation_steps", type=int, default=100)
     p.add_argument("--num_inference_steps", type=int, default=25)
@@ -97,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none")
     add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     if not (args.train_data_dir or args.dataset_name):
         p.error("give --train_data_dir (a folder with metadata.jsonl) or --dataset_name")
     if len(args.validation_image) != len(args.validation_prompt):

@@ -55,6 +55,7 @@ from boftvision.training import (
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    describe_flags,
     list_checkpoints,
     make_optimizer,
     train_steps,
@@ -66,19 +67,23 @@ logger = get_logger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED))
-    p.add_argument("--instance_data_dir", required=True)
-    p.add_argument("--instance_prompt", required=True)
-    p.add_argument("--with_prior_preservation", action="store_true")
-    p.add_argument("--class_data_dir")
-    p.add_argument("--class_prompt")
-    p.add_argument("--num_class_images", type=int, default=100)
-    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--instance_data_dir", required=True, help="folder of the subject's images")
+    p.add_argument("--instance_prompt", required=True,
+                   help='prompt naming the subject with its rare token ("a photo of sks dog")')
+    p.add_argument("--with_prior_preservation", action="store_true",
+                   help="also train on class images with --class_prompt (keeps the class's look)")
+    p.add_argument("--class_data_dir",
+                   help="class images; generated with the base model up to --num_class_images when short")
+    p.add_argument("--class_prompt", help='prompt of the class images ("a photo of dog")')
+    p.add_argument("--num_class_images", type=int, default=100,
+                   help="class images to use (generated when the folder has fewer)")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class-image loss")
     p.add_argument("--sample_batch_size", type=int, default=4, help="batch size for class-image generation")
-    p.add_argument("--train_text_encoder", action="store_true")
+    p.add_argument("--train_text_encoder", action="store_true", help="adapt the text encoder too")
     p.add_argument("--unet_targets", choices=sorted(UNET_PRESETS), default="attention")
     p.add_argument("--text_encoder_targets", choices=sorted(TEXT_ENCODER_PRESETS), default="qv")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_train_steps", type=int, default=1000)
@@ -117,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
                         "the run stops as diverged")
     add_adapter_arguments(p, defaults={"boft_dropout": 0.1})
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
     return args

@@ -31,6 +31,7 @@ from boftvision.training import (
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    describe_flags,
     exit_for_signal,
     make_optimizer,
     prepare_epochs,
@@ -45,11 +46,14 @@ from boftvision.training import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", required=True)
-    p.add_argument("--task_name", choices=sorted(GLUE_TASKS), default=None)
-    p.add_argument("--train_file", default=None)
-    p.add_argument("--validation_file", default=None)
-    p.add_argument("--text_columns", nargs="+", default=["sentence"])
-    p.add_argument("--label_column", default="label")
+    p.add_argument("--task_name", choices=sorted(GLUE_TASKS), default=None,
+                   help="a GLUE task name (datasets' glue config, needs the hub)")
+    p.add_argument("--train_file", default=None, help="CSV/TSV/JSONL training file (instead of --task_name)")
+    p.add_argument("--validation_file", default=None,
+                   help="CSV/TSV/JSONL validation file")
+    p.add_argument("--text_columns", nargs="+", default=["sentence"],
+                   help="column(s) holding the text (one, or a pair)")
+    p.add_argument("--label_column", default="label", help="column holding the label")
     p.add_argument("--num_labels", type=int, default=2, help="1 = regression")
     p.add_argument("--targets", default="all_linear", choices=["attention", "all_linear", "all_linear_but_head"])
     p.add_argument("--max_length", type=int, default=128)
@@ -68,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, allow_none=True)
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     if args.task_name:
         args.text_columns, args.num_labels = list(GLUE_TASKS[args.task_name][0]), GLUE_TASKS[args.task_name][1]
     elif not (args.train_file and args.validation_file):

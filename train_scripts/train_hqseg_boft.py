@@ -43,6 +43,7 @@ from boftvision.training import (
     add_adapter_arguments,
     claim_output_dir,
     cosine_with_warmup,
+    describe_flags,
     exit_for_signal,
     load_checkpoint,
     make_optimizer,
@@ -57,9 +58,9 @@ from boftvision.training import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", required=True)
-    p.add_argument("--train_sets", nargs="+", default=list(TRAIN_SETS))
-    p.add_argument("--eval_sets", nargs="+", default=list(EVAL_SETS))
-    p.add_argument("--model_type", default="vit_h")
+    p.add_argument("--train_sets", nargs="+", default=list(TRAIN_SETS), help="HQSeg-44K training sets")
+    p.add_argument("--eval_sets", nargs="+", default=list(EVAL_SETS), help="evaluation sets")
+    p.add_argument("--model_type", default="vit_h", help="SAM size: vit_b, vit_l or vit_h")
     p.add_argument("--checkpoint", default=None, help="SAM weights (.pth)")
     p.add_argument("--sam_config", default=None, help="JSON for build_sam (a SAM outside the registry)")
     p.add_argument("--targets", choices=sorted(PRESETS), default="decoder_all_linear")
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.005})
-    return p.parse_args(argv)
+    return describe_flags(p).parse_args(argv)
 
 
 def build(args):

@@ -32,6 +32,7 @@ from boftvision.training import (
     add_adapter_arguments,
     claim_output_dir,
     cosine_with_warmup,
+    describe_flags,
     exit_for_signal,
     load_checkpoint,
     make_optimizer,
@@ -160,11 +161,14 @@ def generate(args) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["train", "generate"], default="train")
+    p.add_argument("command", nargs="?", choices=["train", "generate"], default="train",
+                   help="train, or generate with a saved adapter")
     p.add_argument("--model_name_or_path", required=True)
     p.add_argument("--train_file", help="JSONL/CSV with prompt and response columns")
-    p.add_argument("--prompt_column", default="prompt")
-    p.add_argument("--response_column", default="response")
+    p.add_argument("--prompt_column", default="prompt",
+                   help="JSONL/CSV key of the prompt")
+    p.add_argument("--response_column", default="response",
+                   help="JSONL/CSV key of the response (the only tokens in the loss)")
     p.add_argument("--targets", default="all_linear", choices=["attention", "all_linear", "all_linear_but_head"])
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--epochs", type=int, default=3)
@@ -176,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_ratio", type=float, default=0.03)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--load_in_4bit", action="store_true")
+    p.add_argument("--load_in_4bit", action="store_true", help="load the base in 4 bit (bitsandbytes, GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/lm")
     p.add_argument("--overwrite_output_dir", action="store_true",
@@ -186,10 +190,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--adapter_dir", help="generate: the saved adapter")
     p.add_argument("--prompt", help="generate: the prompt")
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=64, help="generate: tokens to generate")
     p.add_argument("--merge", action="store_true", help="generate: merge the adapter first")
     add_adapter_arguments(p)
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     if args.command == "train" and not args.train_file:
         p.error("train needs --train_file")
     if args.command == "generate" and not (args.adapter_dir and args.prompt):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from boftvision.data.shapes import COLOURS, SHAPES, WORDS, base_example
 from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import TINY, image_grid, pipeline_from_components, tiny_components
-from boftvision.training import claim_output_dir, cosine_with_warmup, seed_everything
+from boftvision.training import claim_output_dir, cosine_with_warmup, describe_flags, seed_everything
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -45,14 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/tiny-sd",
                    help="the embedded copy is boftvision/assets/tiny-sd: replace it only on purpose "
                         "(make tiny-sd, which passes --overwrite_output_dir)")
-    p.add_argument("--overwrite_output_dir", action="store_true")
-    p.add_argument("--vae_steps", type=int, default=300)
-    p.add_argument("--vae_batch_size", type=int, default=16)
-    p.add_argument("--unet_steps", type=int, default=2000)
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace what --output_dir holds")
+    p.add_argument("--vae_steps", type=int, default=300, help="VAE training steps")
+    p.add_argument("--vae_batch_size", type=int, default=16, help="VAE batch size")
+    p.add_argument("--unet_steps", type=int, default=2000, help="UNet training steps")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return describe_flags(p).parse_args(argv)
 
 
 def main(argv=None) -> dict:

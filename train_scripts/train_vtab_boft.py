@@ -34,6 +34,7 @@ from boftvision.training import (
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    describe_flags,
     exit_for_signal,
     make_optimizer,
     prepare_epochs,
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_root", required=True)
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
-    p.add_argument("--tasks", nargs="+", default=["all"])
+    p.add_argument("--tasks", nargs="+", default=["all"], help="VTAB-1K task folders to run, or 'all' (the 19 tasks)")
     p.add_argument("--num_classes", type=int, default=None, help="for task folders outside the 19")
     p.add_argument("--targets", choices=sorted(PRESETS), default="all_linear")
     p.add_argument("--epochs", type=int, default=30)
@@ -61,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--hparams", default=None, help="JSON {task: {learning_rate: …}}")
-    p.add_argument("--search_lrs", type=float, nargs="*", default=[])
+    p.add_argument("--search_lrs", type=float, nargs="*", default=[],
+                   help="learning rates tried on train800 → val200 per task; the best is used for the final run")
     p.add_argument("--weight_decay", type=float, default=0.02)
     p.add_argument("--warmup_ratio", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -76,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--report_to", default=None, help="an accelerate tracker, e.g. tensorboard")
     add_adapter_arguments(p)
-    args = p.parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
     args.tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
     return args
 
