@@ -132,9 +132,102 @@ def adapter_config_from_args(args: argparse.Namespace, target_modules,
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, weight_decay: float):
+    """AdamW over :func:`~boftvision.parameter_groups` (``--adam_beta1/2``, ``--adam_epsilon`` when the
+    script has them; bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``)."""
     groups = parameter_groups(model, lr=lr, weight_decay=weight_decay,
                               vector_bank_lr=args.vblora_bank_lr or lr, logits_lr=args.vblora_logits_lr or 10 * lr)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, weight_decay=weight_decay, betas=(getattr(args, "adam_beta1", 0.9),
+                                                           getattr(args, "adam_beta2", 0.999)),
+                  eps=getattr(args, "adam_epsilon", 1e-8))
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes as bnb  # checked by check_requirements before training
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def add_diffusers_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of diffusers' example training scripts that every diffusion script here takes with
+    their meaning and default (the adapter's own flags come from :func:`add_adapter_arguments`)."""
+    g = p.add_argument_group("diffusers training flags")
+    g.add_argument("--num_train_epochs", type=int, default=1,
+                   help="epochs to train when --max_train_steps is not given (diffusers' rule)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1 (default: %(default)s)")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2 (default: %(default)s)")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε (default: %(default)s)")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by batch size × accumulation × processes")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="validate every N epochs (converted to steps; --validation_steps wins when given)")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention (needs xformers; PyTorch's SDPA is used otherwise)")
+    g.add_argument("--revision", default=None, help="hub revision of the base model")
+    g.add_argument("--variant", default=None, help="weights variant of the base model (e.g. fp16)")
+    g.add_argument("--tokenizer_name", default=None, help="load the tokenizer from here instead of the model")
+    g.add_argument("--logging_dir", default="logs", help="tracker logs, under --output_dir")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by launchers; accelerate reads the environment")
+    g.add_argument("--push_to_hub", action="store_true", help="upload --output_dir to the hub after training")
+    g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: output_dir's name)")
+    g.add_argument("--hub_token", default=None, help="hub token for --push_to_hub (default: the logged-in one)")
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+
+def check_requirements(args: argparse.Namespace) -> None:
+    """Fail before training, naming the fix, when a flag needs something absent."""
+    import importlib.util
+
+    def missing(module: str) -> bool:
+        return importlib.util.find_spec(module) is None
+
+    if getattr(args, "use_8bit_adam", False) and missing("bitsandbytes"):
+        raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (GPU), or drop the flag")
+    if getattr(args, "enable_xformers_memory_efficient_attention", False) and missing("xformers"):
+        raise SystemExit("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                         "without it PyTorch's scaled-dot-product attention is already used — drop the flag")
+    trackers = [] if args.report_to in (None, "none") else \
+        list(TRACKER_PACKAGES) if args.report_to == "all" else [args.report_to]
+    for tracker in trackers:
+        package = TRACKER_PACKAGES.get(tracker)
+        if package is None:
+            raise SystemExit(f"--report_to {tracker}: unknown tracker; use one of {sorted(TRACKER_PACKAGES)}, all or "
+                             "none")
+        if args.report_to != "all" and missing(package):
+            raise SystemExit(f"--report_to {tracker} needs {package}: pip install {package} (or --report_to none)")
+    if getattr(args, "push_to_hub", False):
+        from huggingface_hub import get_token
+
+        if not (args.hub_token or get_token()):
+            raise SystemExit("--push_to_hub needs a hub token: huggingface-cli login, or --hub_token")
+
+
+def push_to_hub(args: argparse.Namespace) -> str:
+    """Upload ``--output_dir`` (adapters, results, validation images; no checkpoints) to the hub."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = args.hub_model_id or Path(args.output_dir).name
+    create_repo(repo, token=args.hub_token, exist_ok=True)
+    upload_folder(repo_id=repo, folder_path=args.output_dir, token=args.hub_token,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"])
+    return repo
+
+
+def diffusers_step_counts(args: argparse.Namespace, batches_per_epoch: int, num_processes: int) -> None:
+    """diffusers' rules: ``--max_train_steps`` from ``--num_train_epochs`` when not given, validation every
+    ``--validation_epochs`` epochs as steps, ``--scale_lr``."""
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    if args.validation_steps is None:
+        args.validation_steps = args.validation_epochs * updates_per_epoch if args.validation_epochs else 100
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
@@ -336,10 +429,14 @@ def accelerator_from_args(args: argparse.Namespace):
     from accelerate.utils import ProjectConfiguration
 
     out = Path(args.output_dir)
+    check_requirements(args)
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision,
-                       log_with=None if args.report_to == "none" else args.report_to,
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+                       log_with=None if args.report_to in (None, "none") else args.report_to,
+                       project_config=ProjectConfiguration(
+                           project_dir=str(out), logging_dir=str(out / getattr(args, "logging_dir", "logs"))))
 
 
 class TrainingDiverged(RuntimeError):
@@ -361,15 +458,17 @@ SAFE_TO_CHANGE = {
     "validation_prompt", "validation_steps", "validation_epochs", "num_validation_images", "num_inference_steps",
     "guidance_scale", "report_to", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "output_dir",
     "dataloader_num_workers", "max_nonfinite_steps", "vblora_bank_lr", "vblora_logits_lr", "validation_image",
-    "skip_bad_files",
+    "skip_bad_files", "push_to_hub", "hub_model_id", "local_rank", "no_tracemalloc", "set_grads_to_none",
+    "wandb_project_name", "wandb_run_name",
 }
+SECRETS = ("hub_token", "wandb_key")  # never written to checkpoints or trackers
 
 
 def run_settings(args: argparse.Namespace) -> dict:
     """The run's flags as plain data, without the flags of adapter methods it does not use."""
     others = tuple(f"{m.cli_prefix}_" for name, m in METHODS.items() if name != getattr(args, "adapter", None))
     return {k: v for k, v in sorted(vars(args).items())
-            if isinstance(v, (str, int, float, bool, type(None))) and not k.startswith(others)}
+            if isinstance(v, (str, int, float, bool, type(None))) and not k.startswith(others) and k not in SECRETS}
 
 
 def check_resume_settings(saved: dict | None, now: dict, checkpoint: Path, say=print) -> None:

@@ -45,10 +45,14 @@ from boftvision.training import (
     accelerator_from_args,
     adapter_config_from_args,
     add_adapter_arguments,
+    add_diffusers_training_arguments,
     claim_output_dir,
     describe_flags,
+    diffusers_step_counts,
     list_checkpoints,
     make_optimizer,
+    push_to_hub,
+    run_settings,
     train_steps,
 )
 
@@ -68,10 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     p.add_argument("--train_batch_size", type=int, default=4)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--max_train_steps", type=int, default=None,
+                   help="optimizer steps (default: --num_train_epochs epochs, diffusers' rule)")
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--encoder_learning_rate", type=float, default=None, help="default: --learning_rate")
-    p.add_argument("--weight_decay", type=float, default=1e-2)
+    p.add_argument("--weight_decay", "--adam_weight_decay", dest="weight_decay", type=float, default=1e-2,
+                   help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--lr_scheduler", default="constant")
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -79,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--validation_image", nargs="*", default=[], help="control image for the validation grid")
     p.add_argument("--validation_prompt", nargs="*", default=[])
-    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--validation_steps", type=int, default=None,
+                   help="validate every N steps (default: every --validation_epochs epochs, else 100)")
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--checkpointing_steps", type=int, default=500)
@@ -99,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none")
     add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
+    add_diffusers_training_arguments(p)
     args = describe_flags(p).parse_args(argv)
     if not (args.train_data_dir or args.dataset_name):
         p.error("give --train_data_dir (a folder with metadata.jsonl) or --dataset_name")
@@ -161,7 +169,9 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     accelerator = accelerator_from_args(args)
     set_seed(args.seed)
-    pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator)
+    pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator,
+                                                          revision=args.revision, variant=args.variant,
+                                                          tokenizer_name=args.tokenizer_name)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = load_data(args, tokenizer, size)  # bad data fails before training starts
@@ -175,6 +185,7 @@ def main(argv=None) -> dict:
     counts = bv.count_parameters(trained)
 
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False)  # file order: exact resume
+    diffusers_step_counts(args, len(loader), accelerator.num_processes)  # --num_train_epochs, --scale_lr, …
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     if args.encoder_learning_rate:
         encoder_params = {id(p) for p in encoder.parameters()}
@@ -185,7 +196,7 @@ def main(argv=None) -> dict:
     unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
         unet, encoder, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
-        accelerator.init_trackers("control-boft", config={k: v for k, v in vars(args).items()
+        accelerator.init_trackers("control-boft", config={k: v for k, v in run_settings(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
 
     def loss_fn(batch):
@@ -214,6 +225,8 @@ def main(argv=None) -> dict:
             pipe.unet = unet.eval()
             export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+        if args.push_to_hub:
+            result["hub_repo"] = push_to_hub(args)
     accelerator.end_training()
     return result
 

@@ -2,7 +2,7 @@
 optionally, the text encoder.
 
     accelerate launch train_scripts/train_dreambooth_boft.py \
-        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" \
         --with_prior_preservation --class_data_dir dog-class --class_prompt "a photo of dog" \
         --num_class_images 200 --train_text_encoder --resolution 512 --train_batch_size 1 \
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,10 +55,14 @@ from boftvision.training import (
     accelerator_from_args,
     adapter_config_from_args,
     add_adapter_arguments,
+    add_diffusers_training_arguments,
     claim_output_dir,
     describe_flags,
+    diffusers_step_counts,
     list_checkpoints,
     make_optimizer,
+    push_to_hub,
+    run_settings,
     train_steps,
 )
 
@@ -86,19 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--max_train_steps", type=int, default=None,
+                   help="optimizer steps (default: --num_train_epochs epochs, diffusers' rule)")
     p.add_argument("--learning_rate", type=float, default=3e-5)
     p.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                             "polynomial"])
     p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--weight_decay", type=float, default=1e-2)
+    p.add_argument("--weight_decay", "--adam_weight_decay", dest="weight_decay", type=float, default=1e-2,
+                   help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate's configuration")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--validation_prompt")
-    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--validation_steps", type=int, default=None,
+                   help="draw validation images every N steps (default: every --validation_epochs epochs, else 100)")
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -110,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a finished or different run in --output_dir (refused otherwise)")
     p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, … (accelerate trackers)")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--dataloader_num_workers", "--num_dataloader_workers", dest="dataloader_num_workers", type=int,
+                   default=0, help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--peft_compatible", action="store_true",
                    help="save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere")
     p.add_argument("--save_merged", action="store_true",
@@ -121,10 +130,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_nonfinite_steps", type=int, default=0,
                    help="consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
                         "the run stops as diverged")
+    g = p.add_argument_group("more of diffusers' and PEFT's DreamBooth flags")
+    g.add_argument("--rank", type=int, default=None, help="the adapter's rank (LoRA r, VB-LoRA r); diffusers' name")
+    g.add_argument("--use_boft", action="store_true", help="PEFT's example: the same as --adapter boft")
+    g.add_argument("--boft_bias", default="none", choices=["none"],
+                   help="PEFT's example: bias training, 'none' only (boftvision trains no biases)")
+    g.add_argument("--image_interpolation_mode", default="bilinear",
+                   choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"],
+                   help="resampling when resizing the images (default: %(default)s)")
+    g.add_argument("--tokenizer_max_length", type=int, default=None,
+                   help="tokens per prompt (default: the tokenizer's model_max_length)")
+    g.add_argument("--text_encoder_use_attention_mask", action="store_true",
+                   help="pass the prompt's attention mask to the text encoder")
+    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+                   help="encode the prompts once (the text encoder is frozen: not with --train_text_encoder)")
+    g.add_argument("--class_labels_conditioning", default=None, choices=["timesteps"],
+                   help="pass the timesteps as class labels to UNets that have a class embedding")
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+                   help="dtype of class-image generation (default: fp16 on CUDA, else fp32)")
+    g.add_argument("--validation_images", nargs="+", default=None,
+                   help="diffusers' image-to-image validation inputs: not used by text-to-image DreamBooth")
+    g.add_argument("--set_grads_to_none", action="store_true", help="PEFT's example; gradients are always set to "
+                   "None after a step here")
+    g.add_argument("--no_tracemalloc", action="store_true", help="PEFT's example: no memory tracing (none is done)")
+    g.add_argument("--wandb_key", default=None, help="PEFT's example: W&B API key (with --report_to wandb)")
+    g.add_argument("--wandb_project_name", default="dreambooth-boft", help="W&B project (with --report_to wandb)")
+    g.add_argument("--wandb_run_name", default=None, help="W&B run name (with --report_to wandb)")
+    add_diffusers_training_arguments(p)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.1})
     args = describe_flags(p).parse_args(argv)
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if args.use_boft:
+        args.adapter = "boft"
+    if args.rank is not None:
+        if args.adapter not in ("lora", "vblora"):
+            p.error(f"--rank sets the rank of LoRA / VB-LoRA; {args.adapter} has none (its size flags are "
+                    f"--{args.adapter}_block_size / --{args.adapter}_block_num)")
+        setattr(args, f"{args.adapter}_r", args.rank)
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        p.error("--pre_compute_text_embeddings needs a frozen text encoder: drop --train_text_encoder")
+    if args.validation_images:
+        p.error("--validation_images is for diffusers' image-to-image DreamBooth; this script validates with "
+                "--validation_prompt")
     return args
 
 
@@ -137,8 +185,10 @@ def generate_class_images(args, accelerator: Accelerator) -> None:
     missing = args.num_class_images - have
     if missing <= 0 or not accelerator.is_main_process:
         return
-    pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device,
-                         dtype=torch.float16 if accelerator.device.type == "cuda" else torch.float32)
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, device=accelerator.device, dtype=dtype,
+                         **load_options(args))
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     for start in tqdm(range(0, missing, args.sample_batch_size), desc="class images"):
         n = min(args.sample_batch_size, missing - start)
@@ -148,6 +198,34 @@ def generate_class_images(args, accelerator: Accelerator) -> None:
             image.save(folder / f"class-{have + start + k:05d}.png")
     del pipe
     free_memory()
+
+
+def load_options(args) -> dict:
+    return {"revision": args.revision, "variant": args.variant, "tokenizer_name": args.tokenizer_name}
+
+
+def prompt_attention_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The tokenizer's attention mask for padded ids: 1 up to and including the first end token (CLIP
+    pads with its end token, so ids alone do not tell padding from the end)."""
+    end = ids == tokenizer.eos_token_id
+    return ((end.cumsum(-1) - end.long()) == 0).long()
+
+
+def cached_by_ids(encode):
+    """``encode`` computed once per distinct prompt (diffusers' --pre_compute_text_embeddings: the
+    frozen text encoder runs once per prompt, not once per step)."""
+    cache = {}
+
+    def cached(ids):
+        rows = []
+        for row in ids:
+            key = tuple(row.tolist())
+            if key not in cache:
+                with torch.no_grad():
+                    cache[key] = encode(row[None])[0][0]
+            rows.append(cache[key])
+        return (torch.stack(rows),)
+    return cached
 
 
 def free_memory() -> None:
@@ -193,8 +271,13 @@ def main(argv=None) -> dict:
         generate_class_images(args, accelerator)
         accelerator.wait_for_everyone()
 
-    pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator)
+    pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator,
+                                                          **load_options(args))
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    if args.tokenizer_max_length:
+        tokenizer.model_max_length = args.tokenizer_max_length
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     base = args.pretrained_model_name_or_path
     bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets], base))
     if args.train_text_encoder:
@@ -210,9 +293,10 @@ def main(argv=None) -> dict:
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, size, args.center_crop,
                                 args.class_data_dir if args.with_prior_preservation else None, args.class_prompt,
-                                args.skip_bad_files)
+                                args.skip_bad_files, args.image_interpolation_mode)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=args.dataloader_num_workers)  # file order: a resumed run sees the same batches
+    diffusers_step_counts(args, len(loader), accelerator.num_processes)  # --num_train_epochs, --scale_lr, …
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
@@ -221,13 +305,22 @@ def main(argv=None) -> dict:
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
-        accelerator.init_trackers("dreambooth-boft", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))})
+        if args.wandb_key:
+            os.environ["WANDB_API_KEY"] = args.wandb_key
+        accelerator.init_trackers(args.wandb_project_name, config=run_settings(args),
+                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
     logger.info(f"{len(dataset)} examples, {args.max_train_steps} steps, adapter {args.adapter}: "
                 f"{counts.trainable:,} trainable parameters", main_process_only=True)
 
+    def encode(ids):  # the text encoder, with diffusers' attention-mask and pre-computing options
+        mask = prompt_attention_mask(ids, tokenizer) if args.text_encoder_use_attention_mask else None
+        return text_encoder(ids, attention_mask=mask)
+
+    encode_text = cached_by_ids(encode) if args.pre_compute_text_embeddings else encode
+
     def loss_fn(batch):
-        losses = denoising_loss(unet, vae, text_encoder, noise_scheduler, batch["pixels"], batch["ids"], weight_dtype)
+        losses = denoising_loss(unet, vae, encode_text, noise_scheduler, batch["pixels"], batch["ids"], weight_dtype,
+                                timesteps_as_class_labels=args.class_labels_conditioning == "timesteps")
         if args.with_prior_preservation:  # instance half, class half
             instance, prior = losses.chunk(2)
             return instance.mean() + args.prior_loss_weight * prior.mean()
@@ -257,6 +350,8 @@ def main(argv=None) -> dict:
             pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
             export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+        if args.push_to_hub:
+            result["hub_repo"] = push_to_hub(args)
     accelerator.end_training()
     return result
 

@@ -70,10 +70,11 @@ class DreamBoothDataset(Dataset):
     ``size``, center- or randomly cropped, flipped at random, scaled to [−1, 1]."""
 
     def __init__(self, instance_dir, instance_prompt, tokenizer, size, center_crop=False,
-                 class_dir=None, class_prompt=None, skip_bad_files=False):
+                 class_dir=None, class_prompt=None, skip_bad_files=False, interpolation: str = "bilinear"):
         self.instances = list_images(instance_dir, "--instance_data_dir", True, skip_bad_files)
         self.classes = list_images(class_dir, "--class_data_dir", True, skip_bad_files) if class_dir else []
         self.size, self.center_crop = size, center_crop
+        self.resample = getattr(Image.Resampling, interpolation.upper())
         self.instance_ids = tokenize(tokenizer, instance_prompt)
         self.class_ids = tokenize(tokenizer, class_prompt) if class_dir else None
 
@@ -84,7 +85,7 @@ class DreamBoothDataset(Dataset):
         image = Image.open(path).convert("RGB")
         scale = self.size / min(image.size)
         image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))),
-                             Image.BILINEAR)
+                             self.resample)
         if self.center_crop:
             left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
         else:

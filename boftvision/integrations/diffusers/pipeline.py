@@ -36,28 +36,37 @@ EMBEDDED_ADAPTER = EMBEDDED.parent / "tiny-sd-sks-boft"  # bundled DreamBooth BO
 EMBEDDED_CONTROL = EMBEDDED.parent / "tiny-sd-position-boft"  # bundled shape-position control (see its README)
 
 
-def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                  revision: str | None = None, variant: str | None = None, tokenizer_name: str | None = None):
     """A ``StableDiffusionPipeline`` from a hub id or local folder (default: the embedded tiny model),
-    without the safety checker (DreamBooth and interpolation look at raw outputs)."""
+    without the safety checker (DreamBooth and interpolation look at raw outputs); ``revision``,
+    ``variant`` and another tokenizer as diffusers' scripts take them."""
     from diffusers import StableDiffusionPipeline
+
+    extra = {}
+    if tokenizer_name:
+        from transformers import AutoTokenizer
+
+        extra["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision, use_fast=False)
 
     path = Path(name_or_path)
     if path.exists() and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} has no model_index.json: give a diffusers pipeline folder "
-                                "(save_pretrained layout) or a hub id such as 'runwayml/stable-diffusion-v1-5'")
+        raise FileNotFoundError(f"{path} has no model_index.json: give a diffusers pipeline folder (save_pretrained "
+                                "layout) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
     pipe = StableDiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, revision=revision, variant=variant,
+                                                   **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def frozen_pipeline(name_or_path: str | Path, accelerator):
+def frozen_pipeline(name_or_path: str | Path, accelerator, **load_kwargs):
     """For training scripts: the pipeline with every module frozen and cast to the mixed-precision
     dtype on the accelerator's device (adapters added afterwards stay fp32), its DDPM training
     scheduler, and that dtype."""
     from diffusers import DDPMScheduler
 
-    pipe = load_pipeline(name_or_path)
+    pipe = load_pipeline(name_or_path, **load_kwargs)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.requires_grad_(False).to(accelerator.device, dtype=dtype)
@@ -70,7 +79,8 @@ def lr_scheduler_from_args(args, optimizer, num_processes: int):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                         num_training_steps=args.max_train_steps * num_processes)
+                         num_training_steps=args.max_train_steps * num_processes,
+                         num_cycles=getattr(args, "lr_num_cycles", 1), power=getattr(args, "lr_power", 1.0))
 
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -225,9 +235,12 @@ def export_merged(pipe, out_dir: str | Path) -> None:
 
 
 def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tensor, ids: torch.Tensor,
-                   dtype: torch.dtype, control: torch.Tensor | None = None) -> torch.Tensor:
+                   dtype: torch.dtype, control: torch.Tensor | None = None,
+                   timesteps_as_class_labels: bool = False) -> torch.Tensor:
     """Per-example MSE of the UNet's noise (or v) prediction at random timesteps: the training loss of
-    DreamBooth and of the control script. ``control``: features added after ``conv_in``."""
+    DreamBooth and of the control script. ``text_encoder``: the model, or any ``ids → (context,)``;
+    ``control``: features added after ``conv_in``; ``timesteps_as_class_labels``: diffusers'
+    ``--class_labels_conditioning timesteps``."""
     import torch.nn.functional as F
 
     with torch.no_grad():
@@ -236,11 +249,12 @@ def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tenso
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     context = text_encoder(ids)[0]
+    labels = t if timesteps_as_class_labels else None
     if control is None:
-        pred = unet(noisy, t, context).sample
+        pred = unet(noisy, t, context, class_labels=labels).sample
     else:
         with control_signal(unet, control):
-            pred = unet(noisy, t, context).sample
+            pred = unet(noisy, t, context, class_labels=labels).sample
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, t)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

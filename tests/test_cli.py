@@ -1,0 +1,98 @@
+"""Command lines users already type: diffusers' DreamBooth-LoRA flags and PEFT's BOFT DreamBooth example
+flags run unchanged on the tiny pipeline; flags that need something absent stop before training."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train_scripts"))
+import train_dreambooth_boft  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("instance")
+    for i, image in enumerate(instance_images(2, 32)):
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def base(tiny_sd, instance, out):
+    return ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(instance),
+            "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out)]
+
+
+def test_a_diffusers_dreambooth_lora_command_runs_unchanged(tiny_sd, instance, tmp_path):
+    """Flags of diffusers' examples/dreambooth/train_dreambooth_lora.py, with their values."""
+    diffusers_flags = [
+        "--rank", "4", "--num_train_epochs", "2", "--adam_weight_decay", "1e-2", "--adam_beta1", "0.9",
+        "--adam_beta2", "0.999", "--adam_epsilon", "1e-08", "--allow_tf32", "--class_labels_conditioning",
+        "timesteps", "--hub_model_id", "someone/sks", "--image_interpolation_mode", "lanczos", "--local_rank", "-1",
+        "--logging_dir", "logs", "--lr_num_cycles", "1", "--lr_power", "1.0", "--lr_scheduler", "constant",
+        "--pre_compute_text_embeddings", "--prior_generation_precision", "fp32", "--scale_lr",
+        "--text_encoder_use_attention_mask", "--tokenizer_max_length", "16", "--tokenizer_name",
+        str(tiny_sd / "tokenizer"), "--validation_epochs", "1", "--train_batch_size", "1", "--learning_rate",
+        "1e-4", "--checkpointing_steps", "500", "--seed", "0", "--resolution", "32", "--mixed_precision", "no",
+        "--gradient_accumulation_steps", "1", "--max_grad_norm", "1.0", "--report_to", "none",
+        "--dataloader_num_workers", "0", "--adapter", "lora"]
+    result = train_dreambooth_boft.main(base(tiny_sd, instance, tmp_path / "out") + diffusers_flags)
+    assert result["steps"] == 4  # 2 epochs × 2 images, batch 1 (--num_train_epochs, as diffusers counts)
+    config = json.loads((tmp_path / "out" / "unet" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_peft_boft_dreambooth_example_command_runs_unchanged(tiny_sd, instance, tmp_path):
+    """Flags of PEFT's examples/boft_dreambooth/train_dreambooth.py."""
+    peft_flags = [
+        "--use_boft", "--boft_block_num", "8", "--boft_block_size", "0", "--boft_n_butterfly_factor", "1",
+        "--boft_dropout", "0.1", "--boft_bias", "none", "--num_dataloader_workers", "0", "--set_grads_to_none",
+        "--no_tracemalloc", "--report_to", "none", "--wandb_project_name", "dreambooth", "--wandb_run_name", "sks",
+        "--max_train_steps", "2", "--learning_rate", "3e-5", "--train_text_encoder"]
+    train_dreambooth_boft.main(base(tiny_sd, instance, tmp_path / "out") + peft_flags)
+    config = json.loads((tmp_path / "out" / "unet" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOFT" and config["boft_block_num"] == 8 and config["boft_block_size"] == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--use_8bit_adam"], "needs bitsandbytes"),
+    (["--enable_xformers_memory_efficient_attention"], "scaled-dot-product attention is already used"),
+    (["--report_to", "wandb"], "needs wandb: pip install wandb"),
+    (["--rank", "4", "--adapter", "boft"], "--rank sets the rank of LoRA"),
+    (["--push_to_hub"], "needs a hub token"),
+])
+def test_flags_that_need_something_absent_stop_before_training(tiny_sd, instance, tmp_path, monkeypatch, capsys,
+                                                               flags, message):
+    import importlib.util
+
+    import huggingface_hub
+
+    real_find_spec, absent = importlib.util.find_spec, ("bitsandbytes", "xformers", "wandb")
+    monkeypatch.setattr(importlib.util, "find_spec",  # as on a machine without these packages
+                        lambda name, *a: None if name in absent else real_find_spec(name, *a))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit) as stopped:
+        train_dreambooth_boft.main(base(tiny_sd, instance, tmp_path / "out") + flags + ["--max_train_steps", "1"])
+    assert message in str(stopped.value.code) + capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "unet").exists()
+
+
+def test_push_to_hub_uploads_the_output_dir_after_training(tiny_sd, instance, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **k: calls.append(("create", repo)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **k: calls.append(("upload", k["repo_id"],
+                                                                                     k["folder_path"])))
+    out = tmp_path / "out"
+    result = train_dreambooth_boft.main(base(tiny_sd, instance, out) + [
+        "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "someone/sks", "--hub_token", "hf_x"])
+    assert calls == [("create", "someone/sks"), ("upload", "someone/sks", str(out))]
+    assert result["hub_repo"] == "someone/sks"
+    assert "hf_x" not in (out / "results.json").read_text()
