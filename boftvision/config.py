@@ -17,7 +17,7 @@ TargetModules = Union[str, list[str], None]
 
 # PEFT keys that describe bookkeeping, not the adapter: accepted silently.
 _PEFT_BOOKKEEPING = {
-    "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
+    "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "task_type",
     "inference_mode", "fan_in_fan_out",
 }
 # PEFT options every method shares that boftvision does not implement: the value that means "off"
@@ -82,6 +82,7 @@ class AdapterConfig:
     target_modules: TargetModules = None
     init_weights: bool = True
     base_model_name_or_path: str | None = None
+    revision: str | None = None  # of the base model on the hub, when one was asked for
     modules_to_save: list[str] | None = None  # e.g. a task head: trained fully and saved with the adapter
     exclude_modules: TargetModules = None  # PEFT's: names/suffixes or a regex never adapted
     layers_to_transform: int | list[int] | None = None  # PEFT's: only these layer indices …

@@ -45,13 +45,20 @@ def initial_noise(pipe, seed: int, n: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5, n: int = 1,
-             control: torch.Tensor | None = None):
-    """``n`` images from the seed's noise; ``control``: control-encoder features (see control_features)."""
+             control: torch.Tensor | None = None, on_step=None):
+    """``n`` images from the seed's noise; ``control``: control-encoder features (see control_features);
+    ``on_step(i)`` is called after each denoising step (progress bars)."""
+    kwargs = {}
+    if on_step is not None:
+        def callback(pipeline, i, t, tensors):
+            on_step(i + 1)
+            return tensors
+        kwargs["callback_on_step_end"] = callback
     with ExitStack() as stack:
         if control is not None:
             stack.enter_context(control_signal(pipe.unet, control))
         return pipe([prompt] * n, latents=initial_noise(pipe, seed, n), num_inference_steps=steps,
-                    guidance_scale=guidance_scale).images
+                    guidance_scale=guidance_scale, **kwargs).images
 
 
 @torch.no_grad()
@@ -96,21 +103,28 @@ def set_identity_components(pipe, n_identity: int, reset_scale: bool = False) ->
 
 @torch.no_grad()
 def interpolation_path(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance_scale: float = 7.5,
-                       control: torch.Tensor | None = None):
-    """[(label, image)] from the fine-tuned model (0 components set to I) to the base model."""
+                       control: torch.Tensor | None = None, on_step=None):
+    """[(label, image)] from the fine-tuned model (0 components set to I) to the base model;
+    ``on_step(done, total)`` after each denoising step of the whole path."""
     m = path_length(pipe)
-    path = []
+    total, path = (m + 2) * steps, []
+
+    def stepper(k):
+        return None if on_step is None else (lambda i: on_step(k * steps + i, total))
+
     try:
         for k in range(m + 1):
             set_identity_components(pipe, k)
             label = "fine-tuned" if k == 0 else f"{k}/{m} -> I"
-            path.append((label, generate(pipe, prompt, seed, steps, guidance_scale, control=control)[0]))
+            path.append((label, generate(pipe, prompt, seed, steps, guidance_scale, control=control,
+                                         on_step=stepper(k))[0]))
     finally:
         set_identity_components(pipe, 0)
     with ExitStack() as stack:
         for part in adapted_parts(pipe):
             stack.enter_context(disable_adapter(part))
-        path.append(("base", generate(pipe, prompt, seed, steps, guidance_scale)[0]))  # no control either
+        path.append(("base", generate(pipe, prompt, seed, steps, guidance_scale,
+                                      on_step=stepper(m + 1))[0]))  # no control either
     return path
 
 

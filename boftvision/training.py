@@ -128,7 +128,8 @@ def adapter_config_from_args(args: argparse.Namespace, target_modules,
               for f in dataclasses.fields(method.config) if "help" in f.metadata}
     if values.get("block_num"):
         values["block_size"] = 0
-    return method.config(target_modules=target_modules, base_model_name_or_path=base_model_name_or_path, **values)
+    return method.config(target_modules=target_modules, base_model_name_or_path=base_model_name_or_path,
+                         revision=getattr(args, "revision", None), **values)
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, weight_decay: float):
@@ -205,6 +206,57 @@ def check_requirements(args: argparse.Namespace) -> None:
 
         if not (args.hub_token or get_token()):
             raise SystemExit("--push_to_hub needs a hub token: huggingface-cli login, or --hub_token")
+
+
+def add_report_to_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report_to", default="none",
+                   help="tracker for the loss and metrics: tensorboard, wandb, all or none (default: %(default)s)")
+
+
+def start_trackers(accelerator, args: argparse.Namespace, project: str) -> None:
+    """Trackers of ``--report_to`` (checked before training by :func:`check_requirements`), configured
+    with the run's settings (secrets left out)."""
+    if args.report_to not in (None, "none") and accelerator.is_main_process:
+        accelerator.init_trackers(project, config=run_settings(args))
+
+
+def tracked_accelerator(args: argparse.Namespace, project: str, **kwargs):
+    """An Accelerator logging to ``--report_to`` under ``output_dir/logs``, trackers started."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    check_requirements(args)
+    out = Path(args.output_dir)
+    accelerator = Accelerator(log_with=None if args.report_to in (None, "none") else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+                              **kwargs)
+    start_trackers(accelerator, args, project)
+    return accelerator
+
+
+def save_loss_plot(path: str | Path, losses: list[float], xlabel: str = "step",
+                   title: str = "training loss") -> Path | None:
+    """``loss.png`` beside results.json (matplotlib; one line saying how to get it when it is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("loss.png not written: pip install matplotlib (or the logging extra)")
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def push_to_hub(args: argparse.Namespace) -> str:

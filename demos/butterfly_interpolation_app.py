@@ -59,13 +59,22 @@ def pipeline(model_label: str, adapter_label: str):
     return _PIPELINES[key]
 
 
-def image_at(model: str, adapter: str, prompt: str, seed: int, steps: int, n_identity: int):
+def checked_prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise gr.Error("type a prompt first (e.g. \"a photo of sks shape\")")
+    return prompt.strip()
+
+
+def image_at(model: str, adapter: str, prompt: str, seed: int, steps: int, n_identity: int,
+             progress=gr.Progress()):
     """The image with ``n_identity`` components set to I (above m: the base model)."""
+    prompt = checked_prompt(prompt)
     pipe = pipeline(model, adapter)
     m = path_length(pipe)
     try:
         set_identity_components(pipe, min(int(n_identity), m), reset_scale=int(n_identity) > m)
-        image = generate(pipe, prompt, int(seed), int(steps))[0]
+        image = generate(pipe, prompt, int(seed), int(steps),
+                         on_step=lambda i: progress((i, int(steps)), desc="denoising"))[0]
     finally:
         set_identity_components(pipe, 0)
     label = ("fine-tuned" if n_identity == 0 else "base model" if n_identity > m
@@ -73,8 +82,10 @@ def image_at(model: str, adapter: str, prompt: str, seed: int, steps: int, n_ide
     return image.resize((256, 256), Image.NEAREST), label
 
 
-def path_gallery(model: str, adapter: str, prompt: str, seed: int, steps: int):
-    path = interpolation_path(pipeline(model, adapter), prompt, int(seed), int(steps))
+def path_gallery(model: str, adapter: str, prompt: str, seed: int, steps: int, progress=gr.Progress()):
+    prompt = checked_prompt(prompt)
+    path = interpolation_path(pipeline(model, adapter), prompt, int(seed), int(steps),
+                              on_step=lambda done, total: progress((done, total), desc="the path"))
     return [(image.resize((256, 256), Image.NEAREST), label) for label, image in path]
 
 
@@ -93,20 +104,20 @@ def build(models: str | list[str] = str(EMBEDDED), adapters: str | list[str] = s
             model_box = gr.Dropdown(list(MODELS), value=model, label="model")
             adapter_box = gr.Dropdown(list(ADAPTERS), value=adapter, label="adapter")
         with gr.Row():
-            prompt = gr.Textbox("a photo of sks shape", label="prompt")
+            prompt = gr.Textbox("a photo of sks shape", label="prompt", elem_id="prompt")
             seed = gr.Number(0, label="seed", precision=0)
             steps = gr.Slider(2, 50, value=20, step=1, label="denoising steps")
         slider = gr.Slider(0, m + 1, value=0, step=1, label="butterfly components set to identity",
                            elem_id="components")
+        run = gr.Button("Generate path", elem_id="generate", variant="primary")
         with gr.Row():
             image = gr.Image(label="image", elem_id="result", type="pil", height=256)
             label = gr.Textbox(label="model along the path", elem_id="stage")
         gallery = gr.Gallery(label="the whole path: fine-tuned → base", columns=m + 2, height=300)
         inputs = [model_box, adapter_box, prompt, seed, steps]
-        run = gr.Button("Generate path", elem_id="generate")
         slider.change(image_at, inputs + [slider], [image, label])
-        run.click(image_at, inputs + [slider], [image, label]).then(path_gallery, inputs, gallery)
-        demo.load(image_at, inputs + [slider], [image, label]).then(path_gallery, inputs, gallery)
+        run.click(image_at, inputs + [slider], [image, label]).success(path_gallery, inputs, gallery)
+        demo.load(image_at, inputs + [slider], [image, label]).success(path_gallery, inputs, gallery)
     return demo
 
 

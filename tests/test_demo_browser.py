@@ -109,3 +109,23 @@ def test_app_serves_only_its_own_models_and_shows_no_paths(app, monkeypatch):
         with pytest.raises(gr.Error, match="pick one from the lists"):
             demo_module.image_at(model, adapter, "a photo", 0, 2, 0)
     assert loads == []
+
+
+def test_errors_show_as_messages_in_the_page(app):
+    """An empty prompt is refused with a message the visitor reads on the page (not an "Error" badge)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(app)
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img"))
+        box = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: "type a prompt first" in d.page_source)
+    finally:
+        driver.quit()

@@ -53,6 +53,7 @@ from boftvision.training import (
     make_optimizer,
     push_to_hub,
     run_settings,
+    save_loss_plot,
     train_steps,
 )
 
@@ -220,13 +221,16 @@ def main(argv=None) -> dict:
             save_diffusers_lora(SimpleNamespace(unet=unet, text_encoder=None), out)
         accelerator.unwrap_model(encoder).save(out)
         if args.validation_image:
-            result["validation"].append(str(validate_at(run.step)))
+            if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
+                result["validation"].append(str(validate_at(run.step)))
         if args.save_merged and args.adapter != "none":  # the UNet merged; control still needs the encoder
             pipe.unet = unet.eval()
             export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+        save_loss_plot(out / "loss.png", run.losses)
         if args.push_to_hub:
             result["hub_repo"] = push_to_hub(args)
+        accelerator.print(f"wrote the adapter(s), results.json and loss.png to {out}")
     accelerator.end_training()
     return result
 

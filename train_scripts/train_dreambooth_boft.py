@@ -63,6 +63,7 @@ from boftvision.training import (
     make_optimizer,
     push_to_hub,
     run_settings,
+    save_loss_plot,
     train_steps,
 )
 
@@ -345,13 +346,16 @@ def main(argv=None) -> dict:
             save_diffusers_lora(SimpleNamespace(unet=unet, text_encoder=text_encoder if args.train_text_encoder
                                                 else None), out)
         if args.validation_prompt:
-            result["validation"].append(str(validate_at(run.step)))
+            if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
+                result["validation"].append(str(validate_at(run.step)))
         if args.save_merged:  # a plain pipeline folder any diffusers user loads (adapters merged, removed)
             pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
             export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+        save_loss_plot(out / "loss.png", run.losses)
         if args.push_to_hub:
             result["hub_repo"] = push_to_hub(args)
+        accelerator.print(f"wrote the adapter(s), results.json and loss.png to {out}")
     accelerator.end_training()
     return result
 

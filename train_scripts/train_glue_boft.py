@@ -17,7 +17,6 @@ import statistics
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from boftvision.training import (
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
+    add_report_to_argument,
     claim_output_dir,
     describe_flags,
     exit_for_signal,
@@ -38,8 +38,10 @@ from boftvision.training import (
     resolve_checkpoint,
     run_settings,
     save_checkpoint,
+    save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    tracked_accelerator,
 )
 
 
@@ -66,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_ratio", type=float, default=0.06)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    add_report_to_argument(p)
     p.add_argument("--output_dir", default="outputs/glue")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a finished or different run in --output_dir (refused otherwise)")
@@ -167,6 +170,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
             metrics = evaluate(model, eval_loader, accelerator, regression)
             history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
             progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
+            accelerator.log({f"seed{seed}/{k}": v for k, v in history[-1].items() if k != "epoch"}, step=epoch + 1)
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
                                 (epoch + 1) * steps_per_epoch,
@@ -187,7 +191,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
                      keep=(args.train_file, args.validation_file))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = tracked_accelerator(args, "glue", mixed_precision=args.mixed_precision)
     data = load_data(args)
     out = Path(args.output_dir)
     runs = [train_and_evaluate(args, accelerator, data, seed, out / f"seed{seed}") for seed in args.seeds]
@@ -204,7 +208,11 @@ def main(argv=None) -> dict:
                  f"{report['trainable']:,} | {report['stored']:,} | "
                  + " | ".join(f"{summary[m]:.2f}" for m in metric_names) + " |\n")
         write_text_atomic(out / "results.md", table)
+        save_loss_plot(out / "loss.png", [h["train_loss"] for h in runs[0]["history"]], "epoch")
         print(table)
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss.png'} and the adapters under "
+              f"{out}/seed<N>/adapter")
+    accelerator.end_training()
     return report
 
 

@@ -41,6 +41,7 @@ from boftvision.training import (
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
+    add_report_to_argument,
     claim_output_dir,
     cosine_with_warmup,
     describe_flags,
@@ -50,8 +51,10 @@ from boftvision.training import (
     resolve_checkpoint,
     run_settings,
     save_checkpoint,
+    save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    tracked_accelerator,
 )
 
 
@@ -72,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_report_to_argument(p)
     p.add_argument("--output_dir", default="outputs/hqseg")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a finished or different run in --output_dir (refused otherwise)")
@@ -103,6 +107,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
                      keep=(args.data_root, args.cache_dir))
+    tracker = tracked_accelerator(args, "hqseg", cpu=True)  # trackers only: the loop places tensors itself
     seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
     sam = build(args)
@@ -150,6 +155,7 @@ def main(argv=None) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")
             state["losses"].append(epoch_loss / steps_per_epoch)
+            tracker.log({"loss": state["losses"][-1]}, step=epoch + 1)
             state["validation"].append(evaluate_sets(sam, eval_sets, cache))
             state["epoch"], state["before"], state["settings"] = epoch + 1, before, run_settings(args)
             save_checkpoint(out, sam, optimizer, scheduler, (epoch + 1) * steps_per_epoch, extra=state,
@@ -162,7 +168,10 @@ def main(argv=None) -> dict:
     write_text_atomic(out / "results.json", json.dumps(result, indent=2))
     write_text_atomic(out / "results.md", f"Frozen decoder:\n\n{scores_table(before)}\nAdapted ({args.adapter}, "
                                     f"{counts.stored:,} stored parameters):\n\n{scores_table(result['after'])}")
+    save_loss_plot(out / "loss.png", state["losses"], "epoch")
     print((out / "results.md").read_text())
+    print(f"wrote {out / 'adapter'}, {out / 'results.json'}, {out / 'results.md'} and {out / 'loss.png'}")
+    tracker.end_training()
     return result
 
 

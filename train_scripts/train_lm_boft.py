@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from boftvision.training import (
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
+    add_report_to_argument,
     claim_output_dir,
     cosine_with_warmup,
     describe_flags,
@@ -39,8 +39,10 @@ from boftvision.training import (
     resolve_checkpoint,
     run_settings,
     save_checkpoint,
+    save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    tracked_accelerator,
 )
 
 IGNORE = -100
@@ -83,8 +85,8 @@ def load_model(args):
 
 def train(args) -> dict:
     claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, keep=(args.train_file,))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accelerator = tracked_accelerator(args, "lm", mixed_precision=args.mixed_precision,
+                                      gradient_accumulation_steps=args.gradient_accumulation_steps)
     seed_everything(args.seed)
     tokenizer, model = load_model(args)
     add_task_adapter(model, adapter_config_from_args(args, None), preset=args.targets, heads=[])
@@ -124,6 +126,7 @@ def train(args) -> dict:
                     continue
                 step += 1
                 losses.append(loss.item())
+                accelerator.log({"loss": losses[-1], "lr": scheduler.get_last_lr()[0]}, step=step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
                 if stop.signal:  # a checkpoint at this step, then exit
@@ -142,6 +145,9 @@ def train(args) -> dict:
     if accelerator.is_main_process:
         bv.save_adapter(accelerator.unwrap_model(model), out / "adapter")
         write_text_atomic(out / "results.json", json.dumps(result, indent=2))
+        save_loss_plot(out / "loss.png", losses)
+        accelerator.print(f"wrote {out / 'adapter'}, {out / 'results.json'} and {out / 'loss.png'}")
+    accelerator.end_training()
     return result
 
 
@@ -182,6 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--load_in_4bit", action="store_true", help="load the base in 4 bit (bitsandbytes, GPU)")
     p.add_argument("--seed", type=int, default=0)
+    add_report_to_argument(p)
     p.add_argument("--output_dir", default="outputs/lm")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a finished or different run in --output_dir (refused otherwise)")

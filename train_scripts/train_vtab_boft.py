@@ -33,6 +33,7 @@ from boftvision.training import (
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
+    add_report_to_argument,
     claim_output_dir,
     describe_flags,
     exit_for_signal,
@@ -41,8 +42,10 @@ from boftvision.training import (
     resolve_checkpoint,
     run_settings,
     save_checkpoint,
+    save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    tracked_accelerator,
 )
 
 
@@ -76,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpointing_epochs", type=int, default=1)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
-    p.add_argument("--report_to", default=None, help="an accelerate tracker, e.g. tensorboard")
+    add_report_to_argument(p)
     add_adapter_arguments(p)
     args = describe_flags(p).parse_args(argv)
     args.tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
@@ -176,9 +179,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
                      keep=(args.data_root,))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
-    if args.report_to:
-        accelerator.init_trackers("vtab", config={k: str(v) for k, v in vars(args).items()})
+    accelerator = tracked_accelerator(args, "vtab", mixed_precision=args.mixed_precision)
     hparams = json.loads(Path(args.hparams).read_text()) if args.hparams else {}
     out = Path(args.output_dir)
     results = []
@@ -198,6 +199,11 @@ def main(argv=None) -> None:
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
         write_text_atomic(out / "results.md", markdown_table(results, params))
         print(markdown_table(results, params))
+        if results:
+            save_loss_plot(out / "loss.png", results[-1]["epoch_losses"], "epoch",
+                           f"{results[-1]['task']} seed {results[-1]['seed']}")
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'} and the adapters under {out}/<task>/seed<N>")
+    accelerator.end_training()
     accelerator.end_training()
 
 
