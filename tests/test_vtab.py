@@ -150,3 +150,62 @@ def test_head_is_trained_but_not_counted():
     assert bv.count_parameters(model).trainable == bv.count_parameters(model.backbone).trainable + 32 * 5 + 5
     names = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert names and all(".adapters.default." in n for n in names)
+
+
+# --- DINOv2 through timm, loaded as users load it offline (pretrained=False + a local checkpoint) -------
+TIMM_NAME = "vit_small_patch14_dinov2"
+TIMM_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "init_values": 1.0}  # LayerScale 1 as transformers
+
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(tmp_path_factory):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, img_size=28, **TIMM_TINY)
+    path = tmp_path_factory.mktemp("timm") / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("adapter", list(METHODS))
+def test_timm_dinov2_trains_with_every_adapter_and_round_trips_through_peft(tiny, timm_checkpoint, tmp_path,
+                                                                            adapter):
+    from peft_reference import peft_from_pretrained
+
+    from boftvision.integrations.dinov2 import load_backbone
+
+    out = tmp_path / adapter
+    timm_args = ["--backbone_source", "timm", "--model_name_or_path", TIMM_NAME, "--timm_checkpoint",
+                 str(timm_checkpoint), "--timm_kwargs", json.dumps(TIMM_TINY)]
+    train_vtab_boft.main(common(tiny, out, "--adapter", adapter, "--tasks", "eurosat", "--epochs", "8",
+                                "--oft_block_size", "8", *timm_args)[2:])  # common()'s model is transformers'
+    result = json.loads((out / "eurosat" / "seed0" / "result.json").read_text())
+    assert result["top1"] >= 70.0 and result["epoch_losses"][-1] < result["epoch_losses"][0]
+    accuracy = eval_vtab.main(["--run_dir", str(out / "eurosat" / "seed0"), "--data_root", str(tiny / "data"),
+                               "--image_size", "28", *timm_args])
+    assert accuracy == result["top1"]
+    base = load_backbone(TIMM_NAME, "timm", str(timm_checkpoint), 28, TIMM_TINY).eval()
+    ours = bv.load_adapter(load_backbone(TIMM_NAME, "timm", str(timm_checkpoint), 28, TIMM_TINY).eval(),
+                           out / "eurosat" / "seed0" / "adapter")
+    theirs = peft_from_pretrained(base, out / "eurosat" / "seed0" / "adapter").eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_and_transformers_mlp_adapters_count_the_same(timm_checkpoint):
+    """The MLP layers have the same shapes in both builds, so the same counts; attention differs by
+    design: timm fuses q, k, v into one Linear (one input rotation / one LoRA pair instead of three)."""
+    from transformers import Dinov2Model
+
+    from boftvision.integrations.dinov2 import MLP_TARGETS, load_backbone
+
+    timm_model = load_backbone(TIMM_NAME, "timm", str(timm_checkpoint), 28, TIMM_TINY)
+    hf_model = Dinov2Model(dinov2_config("small", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=28))
+    for config in (bv.LoRAConfig(r=4, target_modules=MLP_TARGETS), bv.BOFTConfig(block_size=4, n_butterfly_factor=2,
+                                                                                 target_modules=MLP_TARGETS)):
+        counts = [bv.count_parameters(bv.add_adapter(m, config, name=config.method)) for m in (timm_model, hf_model)]
+        assert counts[0].stored == counts[1].stored > 0

@@ -24,6 +24,8 @@ def main(argv=None) -> float:
     p.add_argument("--model_name_or_path", default="facebook/dinov2-large")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
     p.add_argument("--timm_checkpoint", default=None)
+    p.add_argument("--timm_kwargs", type=json.loads, default=None,
+                   help='JSON of timm.create_model overrides for the backbone, e.g. \'{"drop_path_rate": 0.1}\'')
     p.add_argument("--run_dir", required=True, help="a train_vtab_boft.py run folder (<output_dir>/<task>/seed<N>)")
     p.add_argument("--data_root", required=True)
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
@@ -41,7 +43,8 @@ def main(argv=None) -> float:
     dataset = VTABDataset(args.data_root, task, args.split, args.image_size, args.num_classes,
                           allow_outside=args.allow_paths_outside_data_dir)
     head = load_file(str(run_dir / "head.safetensors"))
-    model = Dinov2Classifier(load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint),
+    model = Dinov2Classifier(load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint,
+                                           args.image_size, args.timm_kwargs),
                              head["weight"].shape[0])
     model.head.load_state_dict(head)
     bv.load_adapter(model.backbone, run_dir / "adapter", is_trainable=False)

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_name_or_path", default="facebook/dinov2-large")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
     p.add_argument("--timm_checkpoint", default=None)
+    p.add_argument("--timm_kwargs", type=json.loads, default=None,
+                   help='JSON of timm.create_model overrides for the backbone, e.g. \'{"drop_path_rate": 0.1}\'')
     p.add_argument("--data_root", required=True)
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
@@ -87,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args, num_classes: int) -> Dinov2Classifier:
-    backbone = load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint)
+    backbone = load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint, args.image_size,
+                             args.timm_kwargs)
     model = Dinov2Classifier(backbone, num_classes)
     return add_classifier_adapter(model, adapter_config_from_args(args, PRESETS[args.targets]))
 

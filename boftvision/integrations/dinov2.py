@@ -35,9 +35,12 @@ def dinov2_config(size: str = "large", **overrides):
     return Dinov2Config(**kwargs)
 
 
-def load_backbone(name_or_path: str, source: str = "transformers", checkpoint: str | None = None) -> nn.Module:
+def load_backbone(name_or_path: str, source: str = "transformers", checkpoint: str | None = None,
+                  image_size: int = 224, timm_kwargs: dict | None = None) -> nn.Module:
     """transformers: a hub id (``facebook/dinov2-large``) or local folder. timm: a model name
-    (``vit_large_patch14_dinov2.lvd142m``) with an optional local ``checkpoint`` file."""
+    (``vit_large_patch14_dinov2.lvd142m``) built for ``image_size``, its pretrained weights from the hub,
+    or — as users load it offline — ``pretrained=False`` plus a local ``checkpoint`` file (safetensors
+    or a weights-only torch file); ``timm_kwargs`` override the architecture (``embed_dim``, ``depth``, …)."""
     if source == "transformers":
         from transformers import Dinov2Model
 
@@ -45,8 +48,8 @@ def load_backbone(name_or_path: str, source: str = "transformers", checkpoint: s
     if source == "timm":
         import timm
 
-        return timm.create_model(name_or_path, pretrained=checkpoint is None, num_classes=0, img_size=224,
-                                 **({"checkpoint_path": checkpoint} if checkpoint else {}))
+        return timm.create_model(name_or_path, pretrained=checkpoint is None, num_classes=0, img_size=image_size,
+                                 **(timm_kwargs or {}), **({"checkpoint_path": checkpoint} if checkpoint else {}))
     raise ValueError(f"unknown backbone source {source!r}; use 'transformers' or 'timm'")
 
 
