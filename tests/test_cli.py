@@ -96,3 +96,31 @@ def test_push_to_hub_uploads_the_output_dir_after_training(tiny_sd, instance, tm
     assert calls == [("create", "someone/sks"), ("upload", "someone/sks", str(out))]
     assert result["hub_repo"] == "someone/sks"
     assert "hf_x" not in (out / "results.json").read_text()
+
+
+def test_a_diffusers_controlnet_command_runs_unchanged(tiny_sd, tmp_path):
+    """Flags of diffusers' examples/controlnet/train_controlnet.py that apply, with their values."""
+    import numpy as np
+    import train_controlnet_boft
+
+    from boftvision.data.controlnet import write_triplets
+    from boftvision.data.shapes import control_example
+
+    rng = np.random.default_rng(0)
+    data = write_triplets(tmp_path / "train", [control_example(rng, 32) for _ in range(4)])
+    flags = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(data), "--output_dir",
+             str(tmp_path / "out"), "--resolution", "32", "--learning_rate", "1e-5", "--train_batch_size", "2",
+             "--num_train_epochs", "1", "--image_column", "image", "--conditioning_image_column",
+             "conditioning_image", "--caption_column", "text", "--max_train_samples", "4",
+             "--proportion_empty_prompts", "0.5", "--tracker_project_name", "controlnet", "--set_grads_to_none",
+             "--dataloader_num_workers", "0", "--adam_beta1", "0.9", "--adam_beta2", "0.999", "--adam_weight_decay",
+             "1e-2", "--adam_epsilon", "1e-08", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+             "--lr_num_cycles", "1", "--lr_power", "1.0", "--checkpointing_steps", "500", "--seed", "0",
+             "--mixed_precision", "no", "--allow_tf32", "--report_to", "none", "--logging_dir", "logs",
+             "--validation_image", str(data / "conditioning_images" / "00000.png"), "--validation_prompt", "a shape",
+             "--num_validation_images", "2", "--validation_steps", "100", "--boft_block_size", "4"]
+    result = train_controlnet_boft.main(flags)
+    assert result["steps"] == 2  # 4 samples, batch 2, 1 epoch
+    assert (tmp_path / "out" / "unet" / "adapter_config.json").is_file()
+    with pytest.raises(SystemExit):
+        train_controlnet_boft.main(flags[:6] + ["--controlnet_model_name_or_path", "lllyasviel/sd-controlnet-canny"])

@@ -217,3 +217,56 @@ def test_checkpoint_state_json_records_the_settings(tmp_path):
     fault_run.main(["--output_dir", str(out), "--max_train_steps", "1"])
     settings = json.loads((out / "checkpoint-1" / "state.json").read_text())["settings"]
     assert settings["adapter"] == "boft" and settings["boft_block_size"] == 4 and "lora_r" not in settings
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_every_reader_lists_bad_files_before_training(tmp_path):
+    """VTAB, ControlNet triplets, HQSeg pairs, JSONL/CSV rows: all bad files named at once, or skipped."""
+    import numpy as np
+
+    from boftvision.data.controlnet import read_metadata, write_triplets
+    from boftvision.data.hqseg import HQSegDataset
+    from boftvision.data.shapes import control_example
+    from boftvision.data.text import read_rows
+    from boftvision.data.vtab import VTABDataset
+
+    task = tmp_path / "vtab" / "cifar"
+    (task / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 40), "red").save(task / "images" / f"{i}.png")
+    (task / "train800.txt").write_text("".join(f"images/{i}.png {i}\n" for i in range(3)))
+    truncate(task / "images" / "1.png")
+    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be read: 1.png"):
+        VTABDataset(tmp_path / "vtab", "cifar", "train800")
+    with pytest.warns(UserWarning, match="skipping 1"):
+        assert len(VTABDataset(tmp_path / "vtab", "cifar", "train800", skip_bad=True)) == 2
+
+    rng = np.random.default_rng(0)
+    data = write_triplets(tmp_path / "control", [control_example(rng, 32) for _ in range(3)])
+    truncate(data / "conditioning_images" / "00002.png")
+    with pytest.raises(ValueError, match="00002.png"):
+        read_metadata(data)
+    with pytest.warns(UserWarning):
+        assert len(read_metadata(data, skip_bad=True)) == 2
+
+    sets = tmp_path / "hq" / "DIS5K" / "DIS-TR"
+    (sets / "im").mkdir(parents=True), (sets / "gt").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (40, 40), "blue").save(sets / "im" / f"{i}.jpg")
+        Image.new("L", (40, 40), 255).save(sets / "gt" / f"{i}.png")
+    truncate(sets / "gt" / "0.png")
+    with pytest.raises(ValueError, match="0.png"):
+        HQSegDataset.from_sets(tmp_path / "hq", ["DIS5K-TR"])
+    with pytest.warns(UserWarning):
+        assert len(HQSegDataset.from_sets(tmp_path / "hq", ["DIS5K-TR"], skip_bad=True)) == 1
+
+    (tmp_path / "rows.jsonl").write_text('{"sentence": "a", "label": 1}\n{broken\n{"sentence": "b"\n')
+    with pytest.raises(ValueError, match=r"2 line\(s\) are not JSON: line 2 .*line 3"):
+        read_rows(tmp_path / "rows.jsonl")
+    (tmp_path / "header.csv").write_text("sentence,label\n")
+    with pytest.raises(ValueError, match="has no rows"):
+        read_rows(tmp_path / "header.csv")

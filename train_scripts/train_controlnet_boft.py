@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from PIL import Image
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 
 import boftvision as bv
 from boftvision.data.controlnet import ControlDataset, to_tensor
+from boftvision.data.dreambooth import tokenize
 from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import (
     EMBEDDED,
@@ -85,7 +87,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--validation_image", nargs="*", default=[], help="control image for the validation grid")
-    p.add_argument("--validation_prompt", nargs="*", default=[])
+    p.add_argument("--validation_prompt", nargs="*", default=[], help="prompt per --validation_image")
+    g = p.add_argument_group("more of diffusers' train_controlnet.py flags")
+    g.add_argument("--dataset_config_name", default=None, help="config of --dataset_name (hub datasets)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="train on the first N examples only")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="share of examples whose caption is replaced by the empty prompt (fixed by --seed)")
+    g.add_argument("--num_validation_images", type=int, default=1, help="images per validation control image")
+    g.add_argument("--tracker_project_name", default="control-boft", help="tracker project name")
+    g.add_argument("--set_grads_to_none", action="store_true", help="gradients are always set to None here")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--controlnet_model_name_or_path", default=None,
+                   help="diffusers' ControlNet weights: not used — this script trains an adapter and a light "
+                        "control encoder instead of a ControlNet")
     p.add_argument("--validation_steps", type=int, default=None,
                    help="validate every N steps (default: every --validation_epochs epochs, else 100)")
     p.add_argument("--num_inference_steps", type=int, default=25)
@@ -95,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--skip_bad_files", action="store_true",
+                   help="drop unreadable images with a warning (default: stop before training, listing them)")
     p.add_argument("--save_merged", action="store_true",
                    help="also write output_dir/merged: the pipeline with the UNet adapter merged (control "
                         "signals still come from the saved control encoder: generate --control)")
@@ -109,6 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
     add_diffusers_training_arguments(p)
     args = describe_flags(p).parse_args(argv)
+    if args.controlnet_model_name_or_path:
+        p.error("--controlnet_model_name_or_path: this script trains an adapter on the UNet plus a light control "
+                "encoder, not a ControlNet; start without it")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        p.error("--proportion_empty_prompts must be in [0, 1]")
     if not (args.train_data_dir or args.dataset_name):
         p.error("give --train_data_dir (a folder with metadata.jsonl) or --dataset_name")
     if len(args.validation_image) != len(args.validation_prompt):
@@ -121,12 +142,10 @@ def load_data(args, tokenizer, size: int):
         return ControlDataset(args.train_data_dir, tokenizer, size, image_column=args.image_column,
                               conditioning_image_column=args.conditioning_image_column,
                               caption_column=args.caption_column,
-                              allow_outside=args.allow_paths_outside_data_dir)
+                              allow_outside=args.allow_paths_outside_data_dir, skip_bad=args.skip_bad_files)
     from datasets import load_dataset  # online only
 
-    from boftvision.data.dreambooth import tokenize
-
-    rows = load_dataset(args.dataset_name, split="train")
+    rows = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
 
     class HubData(torch.utils.data.Dataset):
         def __len__(self):
@@ -141,6 +160,23 @@ def load_data(args, tokenizer, size: int):
     return HubData()
 
 
+class EmptyPrompts(torch.utils.data.Dataset):
+    """diffusers' --proportion_empty_prompts: a fixed random share of the examples get the empty prompt
+    (classifier-free guidance keeps working with the control)."""
+
+    def __init__(self, dataset, tokenizer, proportion: float, seed: int):
+        self.dataset, self.empty = dataset, tokenize(tokenizer, "")
+        rng = np.random.default_rng(seed)
+        self.emptied = set(np.flatnonzero(rng.random(len(dataset)) < proportion).tolist())
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        return {**item, "ids": self.empty} if i in self.emptied else item
+
+
 @torch.no_grad()
 def validate(args, accelerator, pipe, unet, encoder, size: int, step: int) -> Path:
     """Each validation control image beside the image generated for it."""
@@ -153,13 +189,13 @@ def validate(args, accelerator, pipe, unet, encoder, size: int, step: int) -> Pa
         control = to_tensor(Image.open(path), size, signed=False)[None].to(accelerator.device)
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         with control_signal(unet, encoder(control)), accelerator.autocast():
-            image = pipe(prompt, generator=generator, num_inference_steps=args.num_inference_steps,
-                         guidance_scale=args.guidance_scale).images[0]
-        cells += [Image.open(path).convert("RGB").resize(image.size), image]
+            images = pipe([prompt] * args.num_validation_images, generator=generator,
+                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale).images
+        cells += [Image.open(path).convert("RGB").resize(images[0].size), *images]
     unet.train(was_training)
     out = Path(args.output_dir) / "validation" / f"step-{step}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(cells, cols=2).save(out)
+    image_grid(cells, cols=1 + args.num_validation_images).save(out)
     return out
 
 
@@ -176,6 +212,10 @@ def main(argv=None) -> dict:
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = load_data(args, tokenizer, size)  # bad data fails before training starts
+    if args.max_train_samples:
+        dataset = torch.utils.data.Subset(dataset, range(min(args.max_train_samples, len(dataset))))
+    if args.proportion_empty_prompts:
+        dataset = EmptyPrompts(dataset, tokenizer, args.proportion_empty_prompts, args.seed)
     if args.adapter != "none":
         bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets],
                                                       args.pretrained_model_name_or_path))
@@ -185,7 +225,8 @@ def main(argv=None) -> dict:
     trained = nn.ModuleDict({"unet": unet, "control_encoder": encoder})
     counts = bv.count_parameters(trained)
 
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False)  # file order: exact resume
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
+                        num_workers=args.dataloader_num_workers)  # file order: exact resume
     diffusers_step_counts(args, len(loader), accelerator.num_processes)  # --num_train_epochs, --scale_lr, …
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     if args.encoder_learning_rate:
@@ -197,7 +238,7 @@ def main(argv=None) -> dict:
     unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
         unet, encoder, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
-        accelerator.init_trackers("control-boft", config={k: v for k, v in run_settings(args).items()
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in run_settings(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
 
     def loss_fn(batch):

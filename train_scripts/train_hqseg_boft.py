@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_report_to_argument(p)
+    p.add_argument("--skip_bad_files", action="store_true",
+                   help="drop unreadable images with a warning (default: stop before training, listing them)")
     p.add_argument("--output_dir", default="outputs/hqseg")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace a finished or different run in --output_dir (refused otherwise)")
@@ -113,8 +115,8 @@ def main(argv=None) -> dict:
     sam = build(args)
     bv.add_adapter(sam.mask_decoder, adapter_config_from_args(args, PRESETS[args.targets]))
     counts = bv.count_parameters(sam.mask_decoder)
-    train_set = HQSegDataset.from_sets(args.data_root, args.train_sets)
-    eval_sets = {name: HQSegDataset.from_sets(args.data_root, [name]) for name in args.eval_sets}
+    train_set = HQSegDataset.from_sets(args.data_root, args.train_sets, args.skip_bad_files)
+    eval_sets = {name: HQSegDataset.from_sets(args.data_root, [name], args.skip_bad_files) for name in args.eval_sets}
     cache = Path(args.cache_dir) if args.cache_dir else None
     optimizer = make_optimizer(sam, args, args.learning_rate, args.weight_decay)
     steps_per_epoch = -(-len(train_set) // args.batch_size)

@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     add_report_to_argument(p)
+    p.add_argument("--skip_bad_files", action="store_true",
+                   help="drop unreadable images with a warning (default: stop before training, listing them)")
     add_adapter_arguments(p)
     args = describe_flags(p).parse_args(argv)
     args.tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
@@ -100,9 +102,9 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
     """Train one (task, seed, lr) and return its final-epoch accuracy on ``eval_split``."""
     seed_everything(seed)
     train_set = VTABDataset(args.data_root, task, train_split, args.image_size, args.num_classes,
-                            allow_outside=args.allow_paths_outside_data_dir)
+                            allow_outside=args.allow_paths_outside_data_dir, skip_bad=args.skip_bad_files)
     eval_set = VTABDataset(args.data_root, task, eval_split, args.image_size, args.num_classes,
-                           allow_outside=args.allow_paths_outside_data_dir)
+                           allow_outside=args.allow_paths_outside_data_dir, skip_bad=args.skip_bad_files)
     model = build_model(args, train_set.num_classes)
     params = bv.count_parameters(model.backbone)
     optimizer = make_optimizer(model, args, lr, args.weight_decay)

@@ -13,11 +13,12 @@ from torch.utils.data import Dataset
 
 from ..files import inside_root, regular_file
 from .dreambooth import tokenize
+from .images import check_images
 
 
 def read_metadata(folder: str | Path, image_column: str = "image",
                   conditioning_image_column: str = "conditioning_image", caption_column: str = "text",
-                  allow_outside: bool = False) -> list[dict]:
+                  allow_outside: bool = False, skip_bad: bool = False) -> list[dict]:
     """Rows of ``folder/metadata.jsonl`` with file paths resolved and checked (clear errors): regular
     files inside ``folder`` only, unless ``allow_outside``."""
     folder = Path(folder)
@@ -50,7 +51,8 @@ def read_metadata(folder: str | Path, image_column: str = "image",
                      "text": row[caption_column]})
     if not rows:
         raise ValueError(f"{meta} is empty")
-    return rows
+    good = set(check_images([r[k] for r in rows for k in ("image", "control")], str(meta), skip_bad))
+    return [r for r in rows if r["image"] in good and r["control"] in good]
 
 
 def to_tensor(image: Image.Image, size: int, signed: bool) -> torch.Tensor:

@@ -11,30 +11,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..files import is_regular_file
+from .images import check_images
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-def check_images(paths: list[Path], what: str, skip_bad: bool = False) -> list[Path]:
-    """Decode every image up front (DreamBooth sets are small): every unreadable one is listed at once,
-    before any training; ``skip_bad`` drops them with a warning instead."""
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            bad.append(f"{path.name} ({err})")
-    if bad and not skip_bad:
-        raise ValueError(f"{what}: {len(bad)} image(s) cannot be read: {'; '.join(bad[:10])}"
-                         f"{' …' if len(bad) > 10 else ''}. Re-save or remove them, or pass --skip_bad_files")
-    if bad:
-        warnings.warn(f"{what}: skipping {len(bad)} unreadable image(s): {'; '.join(bad[:10])}", stacklevel=2)
-        names = {b.split(" (")[0] for b in bad}
-        paths = [p for p in paths if p.name not in names]
-        if not paths:
-            raise ValueError(f"{what}: no readable image left")
-    return paths
 
 
 def list_images(folder: str | Path, what: str, check: bool = False, skip_bad: bool = False) -> list[Path]:

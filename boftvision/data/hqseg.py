@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import is_regular_file
+from .images import check_images
 
 # name → (image dir, mask dir) relative to the data root, as HQ-SAM's training script uses them
 TRAIN_SETS = {
@@ -58,14 +59,15 @@ class HQSegDataset:
         self.pairs = pairs
 
     @classmethod
-    def from_sets(cls, root: str | Path, names: list[str]) -> "HQSegDataset":
+    def from_sets(cls, root: str | Path, names: list[str], skip_bad: bool = False) -> "HQSegDataset":
         known = {**TRAIN_SETS, **EVAL_SETS}
         pairs = []
         for name in names:
             if name not in known:
                 raise ValueError(f"unknown HQSeg set {name!r}; known: {sorted(known)}")
             pairs += find_pairs(Path(root) / known[name][0], Path(root) / known[name][1])
-        return cls(pairs)
+        good = set(check_images([p for pair in pairs for p in pair], f"HQSeg {', '.join(names)}", skip_bad))
+        return cls([(image, mask) for image, mask in pairs if image in good and mask in good])
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -21,11 +21,23 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix in (".csv", ".tsv"):
+        rows, bad = [], []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    bad.append(f"line {n} ({err.msg})")
+        if bad:
+            raise ValueError(f"{path}: {len(bad)} line(s) are not JSON: {'; '.join(bad[:10])}; fix or remove them")
+    elif path.suffix in (".csv", ".tsv"):
         with path.open(newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    raise ValueError(f"{path}: use a .csv, .tsv or .jsonl file")
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    else:
+        raise ValueError(f"{path}: use a .csv, .tsv or .jsonl file")
+    if not rows:
+        raise ValueError(f"{path} has no rows (a header alone is not data)")
+    return rows
 
 
 def text_examples(rows: list[dict], text_columns, label_column: str, regression: bool, source: str):

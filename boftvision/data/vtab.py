@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..files import inside_root, regular_file
+from .images import check_images
 
 TASKS = {  # task folder → number of classes
     "cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,
@@ -43,7 +44,7 @@ class VTABDataset(Dataset):
     """One split of one task; every listed file and label is checked when the dataset is built."""
 
     def __init__(self, root: str | Path, task: str, split: str, image_size: int = 224,
-                 num_classes: int | None = None, allow_outside: bool = False):
+                 num_classes: int | None = None, allow_outside: bool = False, skip_bad: bool = False):
         if split not in SPLITS:
             raise ValueError(f"unknown VTAB split {split!r}; use one of {SPLITS}")
         folder = Path(root) / task
@@ -69,6 +70,8 @@ class VTABDataset(Dataset):
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"{listing}:{lineno}: label {label} is outside [0, {self.num_classes}) for {task}")
             self.samples.append((path, label))
+        good = set(check_images([p for p, _ in self.samples], str(listing), skip_bad))
+        self.samples = [(p, label) for p, label in self.samples if p in good]
         self.transform = vtab_transform(image_size)
 
     def __len__(self) -> int:
