@@ -6,7 +6,7 @@ DB_LR ?= 1e-3
 DB_STEPS ?= 400
 DB_TARGETS ?= attention
 
-.PHONY: all setup browser demo control-demo core-demo tiny-sd lint test test-all bench expressiveness clean
+.PHONY: all setup browser needs-setup demo control-demo core-demo tiny-sd lint test test-all bench expressiveness clean
 
 all: setup demo
 
@@ -31,7 +31,7 @@ browser:
 # The main job: DreamBooth with BOFT on the embedded tiny Stable Diffusion and its bundled subject,
 # then the butterfly interpolation grid (a few minutes on a 2-core CPU)
 SKS := outputs/tiny-sks
-demo:
+demo: needs-setup
 	$(BIN)/python train_scripts/train_dreambooth_boft.py \
 		--instance_data_dir boftvision/assets/sks-instance --instance_prompt "a photo of sks shape" \
 		--with_prior_preservation --class_data_dir $(SKS)/class --class_prompt "a photo of a shape" \
@@ -54,10 +54,14 @@ core-demo:
 tiny-sd:
 	$(BIN)/python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd --overwrite_output_dir
 
-lint:
+# the commands below need the environment `make setup` builds
+needs-setup:
+	@test -x $(BIN)/python || { echo "no $(BIN)/python: run 'make setup' first (or pass VENV=path/to/venv)"; exit 2; }
+
+lint: needs-setup
 	$(BIN)/ruff check .
 
-test:
+test: needs-setup
 	$(BIN)/python -m pytest -q
 
 test-all:

@@ -126,6 +126,18 @@ def adapter_config_from_args(args: argparse.Namespace, target_modules,
     method = METHODS[args.adapter]
     values = {f.name: getattr(args, f"{method.cli_prefix}_{f.name}")
               for f in dataclasses.fields(method.config) if "help" in f.metadata}
+    ignored = []
+    for other in (m for m in METHODS.values() if m is not method):
+        for f in dataclasses.fields(other.config):
+            default = other.config.CLI_DEFAULTS.get(f.name, f.default)
+            if "help" in f.metadata and getattr(args, f"{other.cli_prefix}_{f.name}", default) != default:
+                ignored.append(f"--{other.cli_prefix}_{f.name}")
+    if ignored:
+        warnings.warn(f"--adapter {args.adapter} ignores {', '.join(ignored)} (flags of other methods)", stacklevel=2)
+    default_size = method.config.CLI_DEFAULTS.get("block_size")
+    if values.get("block_num") and values.get("block_size") not in (0, default_size):
+        raise ValueError(f"give one of --{method.cli_prefix}_block_size ({values['block_size']}) and "
+                         f"--{method.cli_prefix}_block_num ({values['block_num']}), not both")
     if values.get("block_num"):
         values["block_size"] = 0
     return method.config(target_modules=target_modules, base_model_name_or_path=base_model_name_or_path,
@@ -372,8 +384,11 @@ def resolve_checkpoint(folder: str | Path, resume: str | None) -> Path | None:
                 return path
             warnings.warn(f"skipping incomplete checkpoint {path} ({problem}); resuming from an older one",
                           stacklevel=2)
+        print(f"--resume_from_checkpoint latest: no checkpoint in {folder} yet, starting fresh")
         return None
     path = Path(resume)
+    if not path.exists() and (Path(folder) / resume).exists():  # a bare name: in output_dir, as diffusers does
+        path = Path(folder) / resume
     problem = checkpoint_problem(path)
     if problem:
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a complete checkpoint ({problem}); give "

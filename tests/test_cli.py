@@ -124,3 +124,40 @@ def test_a_diffusers_controlnet_command_runs_unchanged(tiny_sd, tmp_path):
     assert (tmp_path / "out" / "unet" / "adapter_config.json").is_file()
     with pytest.raises(SystemExit):
         train_controlnet_boft.main(flags[:6] + ["--controlnet_model_name_or_path", "lllyasviel/sd-controlnet-canny"])
+
+
+def test_newcomer_mistakes_get_a_clear_answer(tmp_path, capsys):
+    """A bare checkpoint name is looked up in output_dir; `latest` on an empty folder says it starts
+    fresh; flags of another method warn; a block size and a block number together are refused; HQSeg
+    without SAM weights refuses to train a random SAM unless asked."""
+    import argparse
+    import warnings
+
+    import train_hqseg_boft
+
+    from boftvision.training import adapter_config_from_args, add_adapter_arguments, resolve_checkpoint
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "state.json").write_text("{}")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "checkpoint-2" / "training_state.pt", "w") as z:
+        z.writestr("x", "y")
+    assert resolve_checkpoint(tmp_path, "checkpoint-2") == tmp_path / "checkpoint-2"
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None
+    assert "starting fresh" in capsys.readouterr().out
+
+    parser = argparse.ArgumentParser()
+    add_adapter_arguments(parser)
+    args = parser.parse_args(["--adapter", "lora", "--boft_block_size", "4", "--oft_dropout", "0.3"])
+    with pytest.warns(UserWarning, match="--adapter lora ignores --boft_block_size, --oft_dropout"):
+        adapter_config_from_args(args, ["fc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter_config_from_args(parser.parse_args(["--adapter", "boft"]), ["fc"])  # defaults: no warning
+    with pytest.raises(ValueError, match="one of --boft_block_size .* and --boft_block_num"):
+        adapter_config_from_args(parser.parse_args(["--boft_block_size", "4", "--boft_block_num", "8"]), ["fc"])
+    assert adapter_config_from_args(parser.parse_args(["--boft_block_num", "8"]), ["fc"]).block_num == 8
+
+    with pytest.raises(SystemExit):
+        train_hqseg_boft.parse_args(["--data_root", str(tmp_path), "--model_type", "vit_b"])
+    assert "pass --random_init" in capsys.readouterr().err

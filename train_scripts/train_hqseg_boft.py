@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_type", default="vit_h", help="SAM size: vit_b, vit_l or vit_h")
     p.add_argument("--checkpoint", default=None, help="SAM weights (.pth)")
     p.add_argument("--sam_config", default=None, help="JSON for build_sam (a SAM outside the registry)")
+    p.add_argument("--random_init", action="store_true",
+                   help="train on a randomly initialised SAM when no --checkpoint is given (tests, experiments)")
     p.add_argument("--targets", choices=sorted(PRESETS), default="decoder_all_linear")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=4, help="images per optimizer step")
@@ -84,7 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.005})
-    return describe_flags(p).parse_args(argv)
+    args = describe_flags(p).parse_args(argv)
+    if args.checkpoint is None and not args.random_init:
+        p.error("give --checkpoint (SAM's weights, e.g. sam_vit_h_4b8939.pth): without it SAM is random and the "
+                "scores mean nothing; pass --random_init to train a random SAM on purpose")
+    return args
 
 
 def build(args):
