@@ -152,6 +152,17 @@ def check_regex(pattern: str, field: str) -> None:
 
 
 # --- reading datasets -------------------------------------------------------------------------------
+def check_model_location(value: str | os.PathLike, what: str = "model") -> str:
+    """A model argument that looks like a local path (starts with / . ~, or has more than one /) must
+    exist: a typo fails at once with "no such folder" instead of retrying as a hub id. Hub ids
+    (``org/name``, ``name``) pass through."""
+    text = str(value)
+    path_like = text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith("/") or "\\" in text
+    if path_like and not Path(text).expanduser().exists():
+        raise FileNotFoundError(f"{what} {text}: no such folder (a local path; hub ids look like 'org/name')")
+    return text
+
+
 def is_regular_file(path: str | os.PathLike) -> bool:
     """A regular file (symlinks followed): not a folder, FIFO, socket or device."""
     try:

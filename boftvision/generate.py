@@ -13,6 +13,7 @@ generated under it (the paper's Fig. 10 path from control-following to the uncon
 from __future__ import annotations
 
 import argparse
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .integrations.diffusers import (
     export_merged,
     image_grid,
     load_pipeline,
+    recorded_base_model,
 )
 from .interpolate import butterfly_interpolation, num_butterfly_components
 from .training import describe_flags
@@ -143,7 +145,8 @@ def labelled_grid(path, cols: int | None = None):
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(EMBEDDED), help="diffusers pipeline folder or hub id")
+    p.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: the base model the "
+                   "adapter recorded, else the embedded tiny pipeline)")
     p.add_argument("--adapter", help="train_dreambooth_boft.py's output_dir (unet/ [+ text_encoder/]), or a "
                                      "diffusers/kohya LoRA .safetensors file")
     p.add_argument("--prompt", help="what to draw (needed unless --export)")
@@ -163,6 +166,16 @@ def main(argv=None) -> Path:
         p.error("--export needs --adapter (what to merge into --model)")
     if not (args.prompt or args.export):
         p.error("give --prompt (or --export DIR)")
+    recorded = recorded_base_model(args.adapter) if args.adapter else None
+    if args.model is None:
+        if recorded and recorded.startswith("/") and not Path(recorded).exists():
+            if Path(recorded).parts[-2:] != EMBEDDED.parts[-2:]:  # the embedded model, installed elsewhere
+                p.error(f"the adapter was trained on {recorded}, which is not on this machine: pass --model")
+            recorded = None
+        args.model = recorded or str(EMBEDDED)
+    elif recorded and str(Path(recorded)) != str(Path(args.model)):
+        warnings.warn(f"--model {args.model} differs from the base the adapter was trained on ({recorded}); "
+                      "the images will not be the run's", stacklevel=2)
     dtype = torch.float16 if args.device == "cuda" and not args.export else torch.float32
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
     if args.adapter:
@@ -174,6 +187,9 @@ def main(argv=None) -> Path:
         print(f"wrote {args.export}")
         return Path(args.export)
     control = None
+    if args.adapter and not args.control and (Path(args.adapter) / "control_encoder.json").is_file():
+        warnings.warn(f"{args.adapter} holds a control encoder but no --control image was given: the images are "
+                      "not controlled", stacklevel=2)
     if args.control:
         if not args.adapter:
             p.error("--control needs --adapter (the output_dir of train_controlnet_boft.py)")

@@ -92,6 +92,8 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     """A local directory, or a Hub repo id fetched with huggingface_hub (when online)."""
     local = Path(path)
     if local.is_dir():
+        if not (local / CONFIG_NAME).is_file() and (local / "adapter" / CONFIG_NAME).is_file():
+            return local / "adapter"  # a script's run folder: its adapter/ subfolder
         return local
     if local.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
         raise FileNotFoundError(f"adapter directory {str(path)!r} not found (expected a folder holding "

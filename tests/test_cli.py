@@ -161,3 +161,52 @@ def test_newcomer_mistakes_get_a_clear_answer(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_hqseg_boft.parse_args(["--data_root", str(tmp_path), "--model_type", "vit_b"])
     assert "pass --random_init" in capsys.readouterr().err
+
+
+def test_paths_and_recorded_settings_spare_the_retyping(tmp_path, tiny_sd, monkeypatch):
+    """A mistyped local path fails at once; generate takes the base model the adapter recorded (and warns
+    when another is given); adapter arguments accept a run folder or its adapter folder."""
+    import torch
+
+    import boftvision as bv
+    from boftvision import generate as generate_module
+    from boftvision.files import check_model_location
+    from boftvision.integrations.diffusers import UNET_PRESETS, adapter_parts, load_pipeline
+
+    for typo in ("./models/sd-tiny", "/no/such/model", "outputs/run/model"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            check_model_location(typo)
+    assert check_model_location("stable-diffusion-v1-5/stable-diffusion-v1-5")  # a hub id passes
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_pipeline("./no-such-pipeline")
+
+    pipe = load_pipeline(tiny_sd)
+    bv.add_adapter(pipe.unet, bv.LoRAConfig(r=2, target_modules=UNET_PRESETS["attention"]))
+    bv.save_adapter(pipe.unet, tmp_path / "run" / "unet")
+    assert adapter_parts(tmp_path / "run" / "unet") == {"unet": tmp_path / "run" / "unet"}
+    loaded = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(name, **kwargs):
+        loaded.append(str(name))
+        raise Stop
+
+    monkeypatch.setattr(generate_module, "load_pipeline", fake_load)
+    with pytest.raises(Stop):
+        generate_module.main(["--adapter", str(tmp_path / "run"), "--prompt", "x"])
+    assert loaded == [str(tiny_sd)]  # the recorded base, not the embedded default
+    with pytest.warns(UserWarning, match="differs from the base"), pytest.raises(Stop):
+        generate_module.main(["--adapter", str(tmp_path / "run"), "--prompt", "x", "--model",
+                              str(tmp_path / "run")])
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    bv.add_adapter(model, bv.LoRAConfig(r=2, target_modules=["0"]))
+    bv.save_adapter(model, tmp_path / "lm-run" / "adapter")
+    bv.load_adapter(torch.nn.Sequential(torch.nn.Linear(8, 8)), tmp_path / "lm-run")  # the run folder works
+
+
+def test_flags_that_do_nothing_say_so(tiny_sd, instance, tmp_path):
+    with pytest.warns(UserWarning, match="ignored without --with_prior_preservation"):
+        train_dreambooth_boft.parse_args(base(tiny_sd, instance, tmp_path / "out") + ["--class_prompt", "a shape"])

@@ -183,8 +183,8 @@ def test_timm_dinov2_trains_with_every_adapter_and_round_trips_through_peft(tiny
                                 "--oft_block_size", "8", *timm_args)[2:])  # common()'s model is transformers'
     result = json.loads((out / "eurosat" / "seed0" / "result.json").read_text())
     assert result["top1"] >= 70.0 and result["epoch_losses"][-1] < result["epoch_losses"][0]
-    accuracy = eval_vtab.main(["--run_dir", str(out / "eurosat" / "seed0"), "--data_root", str(tiny / "data"),
-                               "--image_size", "28", *timm_args])
+    accuracy = eval_vtab.main(["--run_dir", str(out / "eurosat" / "seed0"), "--data_root", str(tiny / "data")])
+    # backbone (timm name, checkpoint, overrides), classes and image size come from what the run recorded
     assert accuracy == result["top1"]
     base = load_backbone(TIMM_NAME, "timm", str(timm_checkpoint), 28, TIMM_TINY).eval()
     ours = bv.load_adapter(load_backbone(TIMM_NAME, "timm", str(timm_checkpoint), 28, TIMM_TINY).eval(),

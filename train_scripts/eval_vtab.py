@@ -21,8 +21,9 @@ from boftvision.training import describe_flags
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default="facebook/dinov2-large")
-    p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
+    p.add_argument("--model_name_or_path", default=None, help="the backbone (default: the one the run recorded)")
+    p.add_argument("--backbone_source", choices=["transformers", "timm"], default=None,
+                   help="transformers or timm (default: the run's)")
     p.add_argument("--timm_checkpoint", default=None)
     p.add_argument("--timm_kwargs", type=json.loads, default=None,
                    help='JSON of timm.create_model overrides for the backbone, e.g. \'{"drop_path_rate": 0.1}\'')
@@ -34,11 +35,21 @@ def main(argv=None) -> float:
     p.add_argument("--split", default="test", help="split file to evaluate")
     p.add_argument("--num_classes", type=int, default=None,
                    help="classes of a task outside the 19 (default: read from the run)")
-    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--image_size", type=int, default=None, help="input resolution (default: the run's)")
     p.add_argument("--batch_size", type=int, default=128)
     args = describe_flags(p).parse_args(argv)
     run_dir = Path(args.run_dir)
-    task = args.task or json.loads((run_dir / "result.json").read_text())["task"]
+    if not (run_dir / "result.json").is_file():
+        p.error(f"--run_dir {run_dir}: no result.json; give a train_vtab_boft.py run folder "
+                "(<output_dir>/<task>/seed<N>)")
+    recorded = json.loads((run_dir / "result.json").read_text())
+    for key, value in {**recorded.get("backbone", {}), "image_size": recorded.get("image_size"),
+                       "num_classes": recorded.get("num_classes")}.items():
+        if getattr(args, key) is None:  # what the run recorded, unless given
+            setattr(args, key, value)
+    args.model_name_or_path = args.model_name_or_path or "facebook/dinov2-large"
+    args.backbone_source, args.image_size = args.backbone_source or "transformers", args.image_size or 224
+    task = args.task or recorded["task"]
 
     dataset = VTABDataset(args.data_root, task, args.split, args.image_size, args.num_classes,
                           allow_outside=args.allow_paths_outside_data_dir)

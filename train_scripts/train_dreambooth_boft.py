@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = describe_flags(p).parse_args(argv)
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         p.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
+        warnings.warn("--class_data_dir/--class_prompt are ignored without --with_prior_preservation", stacklevel=2)
     if args.use_boft:
         args.adapter = "boft"
     if args.rank is not None:

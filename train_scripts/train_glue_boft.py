@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.text import GLUE_MAIN_METRIC, GLUE_TASKS, load_glue, read_rows, text_examples
-from boftvision.files import write_text_atomic
+from boftvision.files import check_model_location, write_text_atomic
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
@@ -99,6 +99,7 @@ def load_data(args):
 def build_model(args):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_model_location(args.model_name_or_path, "--model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=args.num_labels)
     if model.config.pad_token_id is None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import boftvision as bv
 from boftvision.data.text import read_rows
-from boftvision.files import write_text_atomic
+from boftvision.files import check_model_location, write_text_atomic
 from boftvision.integrations.language import add_task_adapter
 from boftvision.training import (
     StopSignals,
@@ -71,6 +71,7 @@ def pad_batch(batch: list[dict], pad_id: int) -> dict:
 def load_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_location(args.model_name_or_path, "--model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

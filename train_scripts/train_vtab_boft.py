@@ -147,7 +147,10 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
 
     accuracy = top1_accuracy(model, eval_loader, accelerator)
     result = {"task": task, "seed": seed, "learning_rate": lr, "eval_split": eval_split, "top1": accuracy,
-              "epoch_losses": losses, "adapter_trainable": params.trainable, "adapter_stored": params.stored}
+              "epoch_losses": losses, "adapter_trainable": params.trainable, "adapter_stored": params.stored,
+              "num_classes": train_set.num_classes, "image_size": args.image_size,
+              "backbone": {"model_name_or_path": args.model_name_or_path, "backbone_source": args.backbone_source,
+                           "timm_checkpoint": args.timm_checkpoint, "timm_kwargs": args.timm_kwargs}}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         bv.save_adapter(unwrapped.backbone, run_dir / "adapter")

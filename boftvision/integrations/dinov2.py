@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
+from ..files import check_model_location
 from ..inject import add_adapter
 
 # transformers ≥5 names (q_proj/k_proj/v_proj/o_proj), transformers 4.x names (attention.attention.query,
@@ -44,7 +45,7 @@ def load_backbone(name_or_path: str, source: str = "transformers", checkpoint: s
     if source == "transformers":
         from transformers import Dinov2Model
 
-        return Dinov2Model.from_pretrained(name_or_path)
+        return Dinov2Model.from_pretrained(check_model_location(name_or_path, "DINOv2 backbone"))
     if source == "timm":
         import timm
 

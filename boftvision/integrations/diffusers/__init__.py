@@ -21,6 +21,7 @@ from .pipeline import (
     load_pipeline,
     lr_scheduler_from_args,
     read_model_card,
+    recorded_base_model,
     save_diffusers_lora,
 )
 from .tiny import TINY, build_clip_tokenizer, bytes_to_unicode, pipeline_from_components, tiny_components
@@ -29,5 +30,6 @@ __all__ = ["ControlEncoder", "control_signal", "EMBEDDED", "EMBEDDED_ADAPTER", "
            "TEXT_ENCODER_PRESETS", "UNET_ATTENTION", "UNET_PRESETS", "adapter_parts", "attach_adapters",
            "denoising_loss", "export_merged", "frozen_pipeline", "image_grid", "load_pipeline",
            "lr_scheduler_from_args", "read_model_card", "DIFFUSERS_LORA_NAME", "diffusers_lora_file",
-           "load_diffusers_lora", "save_diffusers_lora", "TINY", "build_clip_tokenizer", "bytes_to_unicode",
+           "load_diffusers_lora", "save_diffusers_lora", "recorded_base_model", "TINY", "build_clip_tokenizer",
+           "bytes_to_unicode",
            "pipeline_from_components", "tiny_components"]

@@ -14,7 +14,7 @@ import torch
 
 from ... import io as adapter_io
 from ...config import LoRAConfig
-from ...files import atomic_folder
+from ...files import atomic_folder, check_model_location
 from ...inject import adapted_layers, adapter_configs, merge_and_unload, remove_adapter
 from .control import control_signal
 
@@ -49,7 +49,7 @@ def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torc
 
         extra["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision, use_fast=False)
 
-    path = Path(name_or_path)
+    path = Path(check_model_location(name_or_path, "diffusers pipeline"))
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} has no model_index.json: give a diffusers pipeline folder (save_pretrained "
                                 "layout) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
@@ -102,12 +102,27 @@ def diffusers_lora_file(path: str | Path) -> Path | None:
 def adapter_parts(adapter_dir: str | Path) -> dict[str, Path]:
     """{"unet": DIR/unet, "text_encoder": DIR/text_encoder} for the parts the directory has."""
     adapter_dir = Path(adapter_dir)
+    if adapter_dir.name in PARTS and (adapter_dir / adapter_io.CONFIG_NAME).is_file():  # run/unet given
+        return {adapter_dir.name: adapter_dir}
     parts = {name: adapter_dir / name for name in PARTS if (adapter_dir / name / adapter_io.CONFIG_NAME).is_file()}
     if not parts:
         raise FileNotFoundError(f"{adapter_dir} has neither unet/{adapter_io.CONFIG_NAME} nor "
                                 f"text_encoder/{adapter_io.CONFIG_NAME} nor {DIFFUSERS_LORA_NAME}: give the "
                                 "output_dir of train_dreambooth_boft.py (or its adapter/ folder), or a LoRA file")
     return parts
+
+
+def recorded_base_model(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter folder was trained on (its adapter_config.json), if recorded."""
+    if diffusers_lora_file(adapter_dir) is not None:
+        return None
+    for folder in adapter_parts(adapter_dir).values():
+        base = json.loads((folder / adapter_io.CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        if base and Path(base).name in PARTS and (Path(base).parent / "model_index.json").is_file():
+            return str(Path(base).parent)  # a component folder of a local pipeline: the pipeline
+        if base:
+            return base
+    return None
 
 
 def attach_adapters(pipe, adapter_dir: str | Path, name: str = "default") -> list[str]:
@@ -186,7 +201,6 @@ def load_diffusers_lora(pipe, path: str | Path, name: str = "default") -> list[s
                     weight_key = next(iter(convert({key[len(prefix):-len(".alpha")]: torch.zeros(1)})))
                     part_alphas[weight_key.rsplit(".lora_", 1)[0]] = alpha
             config, tensors = _lora_config_and_tensors(own, part_alphas, metadata, part, path)
-            config.base_model_name_or_path = str(path)
             adapter_io.load_adapter_state(model, config, tensors, name, source=f"{path} ({part})")
             undo.callback(remove_adapter, model, name)
             loaded.append(part)
