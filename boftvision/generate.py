@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .inject import adapter_configs, disable_adapter
 from .integrations.diffusers import (
@@ -195,7 +196,12 @@ def main(argv=None) -> Path:
             p.error("--control needs --adapter (the output_dir of train_controlnet_boft.py)")
         control = control_features(pipe, args.adapter, args.control)
     if args.interpolate:
-        path = interpolation_path(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, control)
+        with tqdm(desc="interpolation path", unit="step") as bar:
+            def advance(done, total):
+                bar.total = total
+                bar.update(done - bar.n)
+            path = interpolation_path(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, control,
+                                      on_step=advance)
         if args.control:
             from PIL import Image
 
@@ -203,8 +209,10 @@ def main(argv=None) -> Path:
             path.insert(0, ("control", Image.open(args.control).convert("RGB").resize(size)))
         grid = labelled_grid(path)
     else:
-        grid = image_grid(generate(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, args.num_images,
-                                   control), cols=args.num_images)
+        with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
+            images = generate(pipe, args.prompt, args.seed, args.steps, args.guidance_scale, args.num_images, control,
+                              on_step=lambda i: bar.update(i - bar.n))
+        grid = image_grid(images, cols=args.num_images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

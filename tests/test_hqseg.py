@@ -106,3 +106,8 @@ def test_presets_cover_the_decoder():
     decoder = sam_mask_decoder()
     bv.add_adapter(decoder, bv.LoRAConfig(r=2, target_modules=PRESETS["decoder_attention"]))
     assert len(list(bv.inject.adapted_layers(decoder))) == 28
+
+
+def test_a_checkpoint_for_another_sam_is_one_clear_line(setup, tmp_path):
+    with pytest.raises(ValueError, match="does not match --sam_config"):
+        build_sam({**TINY, "embed_dim": TINY["embed_dim"] * 2}, str(setup / "sam.pt"))

@@ -209,3 +209,10 @@ def test_timm_and_transformers_mlp_adapters_count_the_same(timm_checkpoint):
                                                                                  target_modules=MLP_TARGETS)):
         counts = [bv.count_parameters(bv.add_adapter(m, config, name=config.method)) for m in (timm_model, hf_model)]
         assert counts[0].stored == counts[1].stored > 0
+
+
+def test_a_custom_task_gets_its_own_column():
+    table = train_vtab_boft.markdown_table([{"task": "my_task", "top1": 81.25}], 1000)
+    header, _, row = table.splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["my_task"] == "81.2" and cells["mean"] == "81.2"

@@ -166,7 +166,8 @@ def markdown_table(results: list[dict], params: int) -> str:
     for r in results:
         per_task.setdefault(r["task"], []).append(r["top1"])
     cells, means = [], {}
-    for task in TASKS:
+    extra = [t for t in per_task if t not in TASKS]  # a custom task: its own column after the 19
+    for task in [*TASKS, *extra]:
         scores = per_task.get(task)
         if scores:
             means[task] = statistics.mean(scores)
@@ -178,7 +179,7 @@ def markdown_table(results: list[dict], params: int) -> str:
              for g, ts in GROUPS.items()}
     group_cells = [f"{v:.1f}" if v is not None else "–" for v in group.values()]
     overall = f"{statistics.mean(means.values()):.1f}" if means else "–"
-    header = ["params (M)", *TASKS, *GROUPS, "mean"]
+    header = ["params (M)", *TASKS, *extra, *GROUPS, "mean"]
     row = [f"{params / 1e6:.2f}", *cells, *group_cells, overall]
     return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(row) + " |\n"
 

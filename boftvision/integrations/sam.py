@@ -33,7 +33,14 @@ def load_sam(model_type: str, checkpoint: str | None = None):
         raise ValueError(f"unknown SAM type {model_type!r}; use one of {sorted(sam_model_registry)}")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"SAM checkpoint {checkpoint} not found (e.g. sam_vit_h_4b8939.pth)")
-    return sam_model_registry[model_type](checkpoint=checkpoint)
+    try:
+        return sam_model_registry[model_type](checkpoint=checkpoint)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err) and "Missing key" not in str(err):
+            raise
+        raise ValueError(f"SAM checkpoint {checkpoint} does not match --model_type {model_type} (its tensors have "
+                         "other shapes); pass the matching --model_type, or --sam_config for a SAM outside the "
+                         "registry") from None
 
 
 def sam_mask_decoder(transformer_dim: int = 256, depth: int = 2, mlp_dim: int = 2048, num_heads: int = 8):
@@ -133,7 +140,13 @@ def build_sam(config: dict, checkpoint: str | None = None):
         mask_decoder=sam_mask_decoder(c["out_chans"], c["decoder_depth"], c["decoder_mlp_dim"], c["decoder_heads"]),
     )
     if checkpoint is not None:
-        sam.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+        try:
+            sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        except RuntimeError as err:
+            if "size mismatch" not in str(err) and "Missing key" not in str(err):
+                raise
+            raise ValueError(f"SAM checkpoint {checkpoint} does not match --sam_config (its tensors have other "
+                             "shapes); pass the config the checkpoint was made with") from None
     return sam
 
 
