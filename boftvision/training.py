@@ -580,10 +580,12 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def exit_for_signal(stop: "StopSignals", accelerator, step: int, resume_from: Path | None) -> None:
+def exit_for_signal(stop: "StopSignals", accelerator, step: int, resume_from: Path | None, progress=None) -> None:
     """The epoch-based loops on SIGTERM/SIGINT: stop after the current step, say where to resume (the
     last epoch checkpoint: the work since then is redone, and the resumed run equals an uninterrupted
     one) and exit with status 128 + the signal's number."""
+    if progress is not None:
+        progress.close()
     name = signal.Signals(stop.signal).name
     accelerator.print(f"\n{name}: stopped at step {step}. Continue with the same command plus "
                       f"--resume_from_checkpoint latest (from {resume_from or 'the start'}; the steps since "

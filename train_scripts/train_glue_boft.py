@@ -165,7 +165,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if stop.signal:
-                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"))
+                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"), progress)
                 running += loss.item()
                 progress.update(1)
             metrics = evaluate(model, eval_loader, accelerator, regression)

@@ -158,7 +158,8 @@ def main(argv=None) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if stop.signal:
-                    exit_for_signal(stop, SimpleNamespace(print=print), progress.n, resolve_checkpoint(out, "latest"))
+                    exit_for_signal(stop, SimpleNamespace(print=print), progress.n, resolve_checkpoint(out, "latest"),
+                                    progress)
                 epoch_loss += loss.item()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")

@@ -134,7 +134,7 @@ def train(args) -> dict:
                     if accelerator.is_main_process:
                         save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
                                         extra={"losses": losses, "settings": run_settings(args)})
-                    exit_for_signal(stop, accelerator, step, out / f"checkpoint-{step}")
+                    exit_for_signal(stop, accelerator, step, out / f"checkpoint-{step}", progress)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                     save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
                                     extra={"losses": losses, "settings": run_settings(args)},

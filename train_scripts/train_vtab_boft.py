@@ -132,7 +132,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if stop.signal:
-                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"))
+                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"), progress)
                 epoch_loss += loss.item()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")
