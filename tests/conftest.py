@@ -93,3 +93,14 @@ def accelerate_launch_two_cpu_processes(script, script_args) -> None:
                str(root / "train_scripts" / script), *script_args]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def instance(tmp_path_factory):
+    """Two images of the bundled DreamBooth subject (32 px): an --instance_data_dir."""
+    from boftvision.data.shapes import instance_images
+
+    folder = tmp_path_factory.mktemp("instance")
+    for i, image in enumerate(instance_images(2, 32)):
+        image.save(folder / f"{i}.png")
+    return folder

@@ -8,19 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
+from boftvision.data.shapes import INSTANCE_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 import train_dreambooth_boft  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def instance(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("instance")
-    for i, image in enumerate(instance_images(2, 32)):
-        image.save(folder / f"{i}.png")
-    return folder
 
 
 def base(tiny_sd, instance, out):

@@ -13,21 +13,13 @@ import torch
 from conftest import LINEAR, TinyNet
 
 import boftvision as bv
-from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
+from boftvision.data.shapes import INSTANCE_PROMPT
 from boftvision.generate import initial_noise
 from boftvision.integrations.diffusers import attach_adapters, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 import train_dreambooth_boft  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def instance(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("instance")
-    for i, image in enumerate(instance_images(2, 32)):
-        image.save(folder / f"{i}.png")
-    return folder
 
 
 def dreambooth(tiny_sd, instance, out, *extra):
