@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import pickle
@@ -345,7 +346,7 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
         torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "step": step, "rng": _rng_state()}, tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step}, indent=2))
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old)
@@ -580,16 +581,48 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+class EpochBatches:
+    """One epoch of a shuffled loader that can stop and resume in the middle.
+
+    ``rng`` is the torch RNG state the epoch's shuffle is drawn from. Given a mid-epoch checkpoint's
+    ``partial`` (``{"rng": …, "batches_done": k}``), the same order is drawn again, the first k batches
+    are skipped, and the RNG continues from the checkpoint's state — so the resumed epoch equals the
+    uninterrupted one (data loading must draw no random numbers, as in the VTAB and GLUE recipes).
+    """
+
+    def __init__(self, loader, partial: dict | None = None):
+        self.loader = loader
+        self.rng = partial["rng"] if partial else torch.get_rng_state().tolist()
+        self.done = partial["batches_done"] if partial else 0
+
+    def __iter__(self):
+        now = torch.get_rng_state()
+        torch.set_rng_state(torch.tensor(self.rng, dtype=torch.uint8))
+        iterator = iter(self.loader)
+        first = next(iterator, None)  # the shuffle draws its seed here
+        torch.set_rng_state(now)
+        if first is None:
+            return
+        skip = self.done
+        for index, batch in enumerate(itertools.chain([first], iterator)):
+            if index < skip:
+                continue
+            self.done = index + 1
+            yield batch
+
+    def state(self, **more) -> dict:
+        """What a mid-epoch checkpoint records (``extra["partial"]``)."""
+        return {"rng": self.rng, "batches_done": self.done, **more}
+
+
 def exit_for_signal(stop: "StopSignals", accelerator, step: int, resume_from: Path | None, progress=None) -> None:
-    """The epoch-based loops on SIGTERM/SIGINT: stop after the current step, say where to resume (the
-    last epoch checkpoint: the work since then is redone, and the resumed run equals an uninterrupted
-    one) and exit with status 128 + the signal's number."""
+    """The loops of the scripts without :func:`train_steps`, on SIGTERM/SIGINT, after they wrote a
+    checkpoint at ``step``: say where to resume and exit with status 128 + the signal's number."""
     if progress is not None:
         progress.close()
     name = signal.Signals(stop.signal).name
-    accelerator.print(f"\n{name}: stopped at step {step}. Continue with the same command plus "
-                      f"--resume_from_checkpoint latest (from {resume_from or 'the start'}; the steps since "
-                      "then are run again)")
+    accelerator.print(f"\n{name}: stopped after step {step}; checkpoint written to {resume_from}. Continue with "
+                      "the same command plus --resume_from_checkpoint latest")
     raise SystemExit(128 + int(stop.signal))
 
 

@@ -111,3 +111,30 @@ def test_presets_cover_the_decoder():
 def test_a_checkpoint_for_another_sam_is_one_clear_line(setup, tmp_path):
     with pytest.raises(ValueError, match="does not match --sam_config"):
         build_sam({**TINY, "embed_dim": TINY["embed_dim"] * 2}, str(setup / "sam.pt"))
+
+
+def test_sigterm_mid_epoch_checkpoint_resumes_exactly(setup, tmp_path, monkeypatch):
+    """A real SIGTERM at step 9 (epoch 2 of 6-step epochs): a checkpoint at that step, exit 143; the
+    resumed run (same order and prompts) ends where the uninterrupted one does."""
+    import os
+    import signal
+
+    full = train_hqseg_boft.main(common(setup, tmp_path / "full", "--epochs", "2"))
+    real, calls = train_hqseg_boft.segmentation_loss, []
+
+    def loss_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9 * 4:  # batch size 4: the last example of step 9
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_hqseg_boft, "segmentation_loss", loss_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        train_hqseg_boft.main(common(setup, tmp_path / "cut", "--epochs", "2"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "cut" / "checkpoint-9" / "state.json").read_text())["partial"]["batches_done"] == 3
+    monkeypatch.setattr(train_hqseg_boft, "segmentation_loss", real)
+    resumed = train_hqseg_boft.main(common(setup, tmp_path / "cut", "--epochs", "2", "--resume_from_checkpoint",
+                                           "latest"))
+    assert resumed["epoch_losses"] == pytest.approx(full["epoch_losses"], abs=1e-6)
+    assert resumed["after"]["COIFT"] == pytest.approx(full["after"]["COIFT"])

@@ -199,3 +199,59 @@ def test_glue_script_trains_in_train_mode(models, tmp_path, monkeypatch):
                           "--adapter", "lora", "--output_dir", str(tmp_path / "out")])
     # 2 epochs × (2 training batches, then 1 evaluation batch)
     assert modes == [True, True, False, True, True, False]
+
+
+def test_glue_sigterm_mid_epoch_resumes_exactly(models, tmp_path, monkeypatch):
+    """A real SIGTERM at step 6 (epoch 2 of 4-step epochs): a mid-epoch checkpoint, exit 143; resuming
+    (same shuffled order, dropout RNG) gives the uninterrupted run's history."""
+    import os
+    import signal
+
+    train = write_csv(negation_rows(64, 0), tmp_path / "train.csv")
+    dev = write_csv(negation_rows(32, 1), tmp_path / "dev.csv")
+
+    def args(out, *extra):
+        return ["--model_name_or_path", str(models / "bert"), "--train_file", str(train), "--validation_file",
+                str(dev), "--train_batch_size", "16", "--learning_rate", "3e-3", "--adapter", "boft",
+                "--boft_block_size", "4", "--epochs", "2", "--output_dir", str(out), *extra]
+
+    full = train_glue_boft.main(args(tmp_path / "full"))
+    real, steps = train_glue_boft.stop_if_diverged, []
+
+    def check_then_signal(loss, step):
+        steps.append(step)
+        if len(steps) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(loss, step)
+
+    monkeypatch.setattr(train_glue_boft, "stop_if_diverged", check_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        train_glue_boft.main(args(tmp_path / "cut"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "cut" / "seed0" / "checkpoint-6").is_dir()
+    monkeypatch.setattr(train_glue_boft, "stop_if_diverged", real)
+    resumed = train_glue_boft.main(args(tmp_path / "cut", "--resume_from_checkpoint", "latest"))
+    for ours, theirs in zip(resumed["runs"][0]["history"], full["runs"][0]["history"], strict=True):
+        assert ours == pytest.approx(theirs)
+
+
+def test_lm_resume_from_a_mid_epoch_checkpoint_is_exact(models, tmp_path):
+    import shutil
+
+    rows = [{"prompt": f"question {s} was {a} .", "response": f"answer {'yes' if a in POSITIVE else 'no'}"}
+            for s in SUBJECTS for a in POSITIVE[:2] + NEGATIVE[:2]]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))  # 48 rows: 6 steps an epoch
+
+    def args(out, *extra):
+        return ["--model_name_or_path", str(models / "llama"), "--train_file", str(tmp_path / "train.jsonl"),
+                "--epochs", "2", "--train_batch_size", "8", "--learning_rate", "1e-2", "--boft_block_size", "4",
+                "--checkpointing_steps", "4", "--checkpoints_total_limit", "5", "--output_dir", str(out), *extra]
+
+    full = train_lm_boft.main(args(tmp_path / "full"))
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for later in ("checkpoint-12", "adapter", "results.json"):  # keep checkpoint-8: step 2 of epoch 2
+        target = tmp_path / "cut" / later
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    resumed = train_lm_boft.main(args(tmp_path / "cut", "--resume_from_checkpoint", "latest"))
+    assert resumed["steps"] == full["steps"] == 12
+    assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)

@@ -92,8 +92,8 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
 
 
 def test_sigterm_stops_and_resume_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
-    """A real SIGTERM in the middle of epoch 3: the run exits with 143 and says how to resume; resuming
-    (from the epoch-2 checkpoint) ends where the uninterrupted run does."""
+    """A real SIGTERM in the middle of epoch 3: the run finishes the step, writes a mid-epoch checkpoint,
+    exits with 143; resuming from it ends where the uninterrupted run does."""
     import os
     import signal
 
@@ -112,6 +112,8 @@ def test_sigterm_stops_and_resume_equals_uninterrupted_run(tiny, tmp_path, monke
     with pytest.raises(SystemExit) as stopped:
         train_vtab_boft.main(common(tiny, tmp_path / "cut", *args))
     assert stopped.value.code == 128 + signal.SIGTERM
+    state = json.loads((tmp_path / "cut" / "dtd" / "seed0" / "checkpoint-10" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["partial"]["batches_done"] == 2  # written mid-epoch, at the step
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_loss)
     train_vtab_boft.main(common(tiny, tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"))
     resumed = json.loads((tmp_path / "cut" / "dtd" / "seed0" / "result.json").read_text())

@@ -26,6 +26,7 @@ from boftvision.files import check_model_location, write_text_atomic
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
+    EpochBatches,
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
@@ -35,7 +36,6 @@ from boftvision.training import (
     exit_for_signal,
     make_optimizer,
     prepare_epochs,
-    resolve_checkpoint,
     run_settings,
     save_checkpoint,
     save_loss_plot,
@@ -151,23 +151,29 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
                                                               run.eval_loader, run.scheduler)
     steps_per_epoch, total = run.steps_per_epoch, run.total
     start, history = run.state["epoch"], run.state.get("history", [])
-    progress = tqdm(total=total, initial=start * steps_per_epoch, desc=f"seed {seed}",
-                    disable=not accelerator.is_local_main_process)
+    partial = run.state.get("partial")  # a mid-epoch checkpoint (written on SIGTERM/SIGINT)
+    progress = tqdm(total=total, initial=start * steps_per_epoch + (partial or {}).get("batches_done", 0),
+                    desc=f"seed {seed}", disable=not accelerator.is_local_main_process)
     with StopSignals() as stop:
         for epoch in range(start, args.epochs):
             model.train()  # from_pretrained returns the model in eval mode
-            running = 0.0
-            for batch in train_loader:
+            batches = EpochBatches(train_loader, partial if epoch == start else None)
+            running = partial["loss_sum"] if partial and epoch == start else 0.0
+            for batch in batches:
                 loss = model(**batch).loss
                 stop_if_diverged(loss, progress.n + 1)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if stop.signal:
-                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"), progress)
                 running += loss.item()
                 progress.update(1)
+                if stop.signal:  # a mid-epoch checkpoint, then exit
+                    if accelerator.is_main_process:
+                        save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
+                                        extra={"epoch": epoch, "history": history, "settings": run_settings(args),
+                                               "partial": batches.state(loss_sum=running)})
+                    exit_for_signal(stop, accelerator, progress.n, run_dir / f"checkpoint-{progress.n}", progress)
             metrics = evaluate(model, eval_loader, accelerator, regression)
             history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
             progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")

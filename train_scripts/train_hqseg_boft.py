@@ -134,15 +134,20 @@ def main(argv=None) -> dict:
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, sam, optimizer, scheduler, run_settings(args))
         rng = np.random.default_rng([args.seed, state["epoch"]])
-    before = evaluate_sets(sam, eval_sets, cache) if state["epoch"] == 0 else state["before"]
+    before = state["before"] if "before" in state else evaluate_sets(sam, eval_sets, cache)
+    partial = state.pop("partial", None)  # a mid-epoch checkpoint (written on SIGTERM/SIGINT)
 
-    progress = tqdm(total=total, initial=state["epoch"] * steps_per_epoch, desc="hqseg")
+    progress = tqdm(total=total, initial=state["epoch"] * steps_per_epoch + (partial or {}).get("batches_done", 0),
+                    desc="hqseg")
     with StopSignals() as stop:
         for epoch in range(state["epoch"], args.epochs):
             rng = np.random.default_rng([args.seed, epoch])  # resumable: the epoch fixes order and prompts
             sam.train()
-            order, epoch_loss = rng.permutation(len(train_set)), 0.0
-            for start in range(0, len(order), args.batch_size):
+            order, epoch_loss, first = rng.permutation(len(train_set)), 0.0, 0
+            if partial is not None:  # continue the interrupted epoch where it stopped, prompts included
+                rng.bit_generator.state = partial["rng"]
+                epoch_loss, first, partial = partial["loss_sum"], partial["next_start"], None
+            for start in range(first, len(order), args.batch_size):
                 loss = 0.0
                 for i in order[start:start + args.batch_size]:
                     image, mask, stem = train_set[i]
@@ -157,12 +162,16 @@ def main(argv=None) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if stop.signal:
-                    exit_for_signal(stop, SimpleNamespace(print=print), progress.n, resolve_checkpoint(out, "latest"),
-                                    progress)
                 epoch_loss += loss.item()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")
+                if stop.signal:  # a mid-epoch checkpoint, then exit
+                    mid = {**state, "epoch": epoch, "before": before, "settings": run_settings(args),
+                           "partial": {"rng": rng.bit_generator.state, "next_start": start + args.batch_size,
+                                       "loss_sum": epoch_loss, "batches_done": start // args.batch_size + 1}}
+                    save_checkpoint(out, sam, optimizer, scheduler, progress.n, extra=mid)
+                    exit_for_signal(stop, SimpleNamespace(print=print), progress.n, out / f"checkpoint-{progress.n}",
+                                    progress)
             state["losses"].append(epoch_loss / steps_per_epoch)
             tracker.log({"loss": state["losses"][-1]}, step=epoch + 1)
             state["validation"].append(evaluate_sets(sam, eval_sets, cache))

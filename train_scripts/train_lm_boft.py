@@ -26,6 +26,7 @@ from boftvision.data.text import read_rows
 from boftvision.files import check_model_location, write_text_atomic
 from boftvision.integrations.language import add_task_adapter
 from boftvision.training import (
+    EpochBatches,
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
@@ -105,17 +106,19 @@ def train(args) -> dict:
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_ratio * total), total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     out = Path(args.output_dir)
-    step, losses = 0, []
+    step, losses, epoch, partial = 0, [], 0, None
     checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, run_settings(args),
                                 accelerator.print)
-        step, losses = state["step"], state["losses"]
+        step, losses, epoch, partial = state["step"], state["losses"], state.get("epoch", 0), state.get("partial")
     progress = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process)
     model.train()  # from_pretrained returns the model in eval mode
     with StopSignals() as stop:
         while step < total:
-            for batch in loader:
+            batches = EpochBatches(loader, partial)  # a resumed epoch continues where its checkpoint stopped
+            partial = None
+            for batch in batches:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     stop_if_diverged(loss, step + 1)
@@ -130,17 +133,18 @@ def train(args) -> dict:
                 accelerator.log({"loss": losses[-1], "lr": scheduler.get_last_lr()[0]}, step=step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
+                extra = {"losses": losses, "settings": run_settings(args), "epoch": epoch, "partial": batches.state()}
                 if stop.signal:  # a checkpoint at this step, then exit
                     if accelerator.is_main_process:
-                        save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
-                                        extra={"losses": losses, "settings": run_settings(args)})
+                        save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, extra)
                     exit_for_signal(stop, accelerator, step, out / f"checkpoint-{step}", progress)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                    save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step,
-                                    extra={"losses": losses, "settings": run_settings(args)},
+                    save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, extra,
                                     keep=args.checkpoints_total_limit)
                 if step >= total:
                     break
+            else:
+                epoch += 1
     progress.close()
     result = {"steps": step, "losses": losses, **vars(bv.count_parameters(accelerator.unwrap_model(model)))}
     if accelerator.is_main_process:

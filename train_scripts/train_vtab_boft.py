@@ -30,6 +30,7 @@ from boftvision.files import write_text_atomic
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
 from boftvision.training import (
+    EpochBatches,
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
@@ -39,7 +40,6 @@ from boftvision.training import (
     exit_for_signal,
     make_optimizer,
     prepare_epochs,
-    resolve_checkpoint,
     run_settings,
     save_checkpoint,
     save_loss_plot,
@@ -118,24 +118,30 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
     steps_per_epoch, total = run.steps_per_epoch, run.total
     start_epoch, losses = run.state["epoch"], run.state.get("losses", [])
 
-    progress = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=f"{task} s{seed} lr{lr:g}",
-                    disable=not accelerator.is_local_main_process)
+    partial = run.state.get("partial")  # a mid-epoch checkpoint (written on SIGTERM/SIGINT)
+    progress = tqdm(total=total, initial=start_epoch * steps_per_epoch + (partial or {}).get("batches_done", 0),
+                    desc=f"{task} s{seed} lr{lr:g}", disable=not accelerator.is_local_main_process)
     with StopSignals() as stop:
         for epoch in range(start_epoch, args.epochs):
             model.train()
-            epoch_loss = 0.0
-            for images, labels in train_loader:
+            batches = EpochBatches(train_loader, partial if epoch == start_epoch else None)
+            epoch_loss = partial["loss_sum"] if partial and epoch == start_epoch else 0.0
+            for images, labels in batches:
                 loss = torch.nn.functional.cross_entropy(model(images), labels)
                 stop_if_diverged(loss, progress.n + 1)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if stop.signal:
-                    exit_for_signal(stop, accelerator, progress.n, resolve_checkpoint(run_dir, "latest"), progress)
                 epoch_loss += loss.item()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")
+                if stop.signal:  # a mid-epoch checkpoint, then exit
+                    if accelerator.is_main_process:
+                        save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
+                                        extra={"epoch": epoch, "losses": losses, "settings": run_settings(args),
+                                               "partial": batches.state(loss_sum=epoch_loss)})
+                    exit_for_signal(stop, accelerator, progress.n, run_dir / f"checkpoint-{progress.n}", progress)
             losses.append(epoch_loss / max(1, len(train_loader)))
             accelerator.log({f"{task}/seed{seed}/loss": losses[-1]}, step=epoch)
             if (epoch + 1) % args.checkpointing_epochs == 0 and accelerator.is_main_process:
