@@ -1,0 +1,223 @@
+"""Checkpoints that resume and never run code, output folders that never mix two runs.
+
+Checkpoints hold only what training changes (trainable parameters, optimizer, scheduler, step, RNG),
+never the frozen base, and only tensors and plain data: they load with ``torch.load(weights_only=True)``,
+so a planted checkpoint cannot run code. They are written whole (a temporary sibling, then a rename)."""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import random
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import METHODS
+from ..files import atomic_folder
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops before the optimizer applies it."""
+
+
+def _rng_state() -> dict:
+    """Every RNG's state as tensors, lists and numbers (what ``weights_only`` loading accepts)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss],
+            "numpy": [name, torch.from_numpy(np_keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, step: int,
+                    extra: dict | None = None, keep: int | None = None) -> Path:
+    """``folder/checkpoint-{step}/training_state.pt`` + ``state.json``: trainable parameters (by name),
+    optimizer, scheduler, step, RNG. Written into a temporary sibling and renamed, so a kill never
+    leaves a half-written ``checkpoint-{step}``. ``keep`` limits how many stay (oldest removed)."""
+    path = Path(folder) / f"checkpoint-{step}"
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    bad = next((n for n, t in trainable.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad:
+        raise TrainingDiverged(f"step {step}: parameter {bad} is not finite; not writing checkpoint-{step} (the "
+                               "newest complete checkpoint stays the latest); lower --learning_rate and resume")
+    with atomic_folder(path) as tmp:
+        torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "step": step, "rng": _rng_state()}, tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step}, indent=2))
+    if keep:
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    found = [p for p in Path(folder).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (what a kill during a write by another tool, or a copy
+    cut short, leaves), or None."""
+    state, json_file = path / "training_state.pt", path / "state.json"
+    if not state.is_file():
+        return "no training_state.pt"
+    if not zipfile.is_zipfile(state):
+        return "training_state.pt is truncated"
+    try:
+        json.loads(json_file.read_text())
+    except (OSError, ValueError):
+        return "state.json is missing or unreadable"
+    return None
+
+
+def resolve_checkpoint(folder: str | Path, resume: str | None) -> Path | None:
+    """``latest`` → the newest *complete* checkpoint in ``folder`` (None when there is none), naming
+    each incomplete one it skips; else the given path, which must be complete."""
+    if not resume:
+        return None
+    if resume == "latest":
+        for path in reversed(list_checkpoints(folder)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warnings.warn(f"skipping incomplete checkpoint {path} ({problem}); resuming from an older one",
+                          stacklevel=2)
+        print(f"--resume_from_checkpoint latest: no checkpoint in {folder} yet, starting fresh")
+        return None
+    path = Path(resume)
+    if not path.exists() and (Path(folder) / resume).exists():  # a bare name: in output_dir, as diffusers does
+        path = Path(folder) / resume
+    problem = checkpoint_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a complete checkpoint ({problem}); give "
+                                "a checkpoint-<step> folder or 'latest' (the newest complete one)")
+    return path
+
+
+# flags a resumed run may change; any other difference from the checkpoint's run is refused
+SAFE_TO_CHANGE = {
+    "learning_rate", "max_train_steps", "num_train_epochs", "epochs", "checkpointing_steps", "checkpointing_epochs",
+    "checkpoints_total_limit",
+    "validation_prompt", "validation_steps", "validation_epochs", "num_validation_images", "num_inference_steps",
+    "guidance_scale", "report_to", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "output_dir",
+    "dataloader_num_workers", "max_nonfinite_steps", "vblora_bank_lr", "vblora_logits_lr", "validation_image",
+    "skip_bad_files", "push_to_hub", "hub_model_id", "local_rank", "no_tracemalloc", "set_grads_to_none",
+    "wandb_project_name", "wandb_run_name",
+}
+
+
+SECRETS = ("hub_token", "wandb_key")  # never written to checkpoints or trackers
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The run's flags as plain data, without the flags of adapter methods it does not use."""
+    others = tuple(f"{m.cli_prefix}_" for name, m in METHODS.items() if name != getattr(args, "adapter", None))
+    return {k: v for k, v in sorted(vars(args).items())
+            if isinstance(v, (str, int, float, bool, type(None))) and not k.startswith(others) and k not in SECRETS}
+
+
+def check_resume_settings(saved: dict | None, now: dict, checkpoint: Path, say=print) -> None:
+    """Refuse to resume a run with other settings (naming each one, the checkpoint's value and the new
+    one); changes in :data:`SAFE_TO_CHANGE` are allowed and printed."""
+    if not saved:
+        return
+    changed = {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
+    unsafe = sorted(k for k in changed if k not in SAFE_TO_CHANGE)
+    if unsafe:
+        lines = [f"--{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in unsafe]
+        raise ValueError(f"cannot resume {checkpoint} with other settings:\n  " + "\n  ".join(lines) +
+                         "\nuse the checkpoint's values, or start a new run (another --output_dir or "
+                         "--overwrite_output_dir)")
+    for k in sorted(changed):
+        say(f"resuming with --{k} changed: {saved.get(k)!r} → {now.get(k)!r}")
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, settings: dict | None = None,
+                    say=print) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into an identically built model; returns state.json.
+
+    Loads tensors and plain data only (``weights_only=True``): a checkpoint holding any other pickled
+    object is refused before it can run anything. With ``settings`` (:func:`run_settings`), a checkpoint
+    of a run with other settings is refused first (see :func:`check_resume_settings`)."""
+    if settings is not None:
+        saved = json.loads((Path(path) / "state.json").read_text()).get("settings")
+        check_resume_settings(saved, settings, Path(path), say)
+    try:
+        state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain data, which could "
+                         "run code when loaded; refusing it. Checkpoints written by boftvision hold only tensors: "
+                         "delete this one (or resume from another) if you did not make it yourself") from err
+    params = dict(model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters this model lacks: {missing[:3]}; was it made "
+                         "with other adapter settings?")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: str | None = None,
+                     keep: tuple = ()) -> Path:
+    """Make sure a run never mixes with another one in ``output_dir``.
+
+    An empty or new folder is taken as it is; a folder holding a run (any file besides the ``keep``
+    paths, e.g. a class-image folder the user put inside it) is refused unless this run resumes it
+    (``resume`` given and a checkpoint in it or in a run folder below it) or ``overwrite`` is set,
+    which deletes everything but ``keep`` first. In a multi-process launch every process checks and
+    the main process deletes.
+    """
+    from accelerate import PartialState
+
+    out = Path(output_dir)
+    keep_paths = {Path(k).resolve() for k in keep if k}
+    others = [p for p in out.iterdir() if p.resolve() not in keep_paths] if out.is_dir() else []
+    # "latest" resumes when the folder holds a checkpoint (at the top, or in a per-task/seed run folder)
+    resuming = resume is not None and (resume != "latest" or any(
+        p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) for p in out.rglob("checkpoint-*")))
+    if others and not resuming and not overwrite:
+        names = sorted(p.name for p in others)
+        listed = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        raise FileExistsError(f"output_dir {out} holds another run ({listed}); "
+                              "pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to "
+                              "continue it, or choose another --output_dir")
+    state = PartialState()
+    if others and overwrite and not resuming and state.is_main_process:
+        for p in others:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    state.wait_for_everyone()
+    try:  # an unwritable output_dir is found now, not at the first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-") as probe:
+            probe.write(b"0" * 4096)
+            probe.flush()
+    except OSError as err:
+        raise OSError(f"output_dir {out} cannot be written ({err}); fix its permissions or free space, or "
+                      "choose another --output_dir") from err
+    return out

@@ -1,0 +1,330 @@
+"""The training loops' shared parts: optimizer and schedule, trackers, the step loop of the step-based
+scripts (:func:`train_steps`), resumable epochs (:class:`EpochBatches`), and what a run does on a
+signal (:class:`StopSignals`) or a non-finite loss."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..inject import parameter_groups
+from .arguments import check_requirements
+from .checkpoints import (
+    TrainingDiverged,
+    load_checkpoint,
+    resolve_checkpoint,
+    run_settings,
+    save_checkpoint,
+)
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, weight_decay: float):
+    """AdamW over :func:`~boftvision.parameter_groups` (``--adam_beta1/2``, ``--adam_epsilon`` when the
+    script has them; bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``)."""
+    groups = parameter_groups(model, lr=lr, weight_decay=weight_decay,
+                              vector_bank_lr=args.vblora_bank_lr or lr, logits_lr=args.vblora_logits_lr or 10 * lr)
+    kwargs = dict(lr=lr, weight_decay=weight_decay, betas=(getattr(args, "adam_beta1", 0.9),
+                                                           getattr(args, "adam_beta2", 0.999)),
+                  eps=getattr(args, "adam_epsilon", 1e-8))
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes as bnb  # checked by check_requirements before training
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base lr, then cosine decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_trackers(accelerator, args: argparse.Namespace, project: str) -> None:
+    """Trackers of ``--report_to`` (checked before training by :func:`check_requirements`), configured
+    with the run's settings (secrets left out)."""
+    if args.report_to not in (None, "none") and accelerator.is_main_process:
+        accelerator.init_trackers(project, config=run_settings(args))
+
+
+def tracked_accelerator(args: argparse.Namespace, project: str, **kwargs):
+    """An Accelerator logging to ``--report_to`` under ``output_dir/logs``, trackers started."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    check_requirements(args)
+    out = Path(args.output_dir)
+    accelerator = Accelerator(log_with=None if args.report_to in (None, "none") else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+                              **kwargs)
+    start_trackers(accelerator, args, project)
+    return accelerator
+
+
+def accelerator_from_args(args: argparse.Namespace):
+    """The step-based scripts' Accelerator: accumulation, mixed precision, trackers (``--report_to``)
+    logging under ``output_dir/logs``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(args.output_dir)
+    check_requirements(args)
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision,
+                       log_with=None if args.report_to in (None, "none") else args.report_to,
+                       project_config=ProjectConfiguration(
+                           project_dir=str(out), logging_dir=str(out / getattr(args, "logging_dir", "logs"))))
+
+
+def save_loss_plot(path: str | Path, losses: list[float], xlabel: str = "step",
+                   title: str = "training loss") -> Path | None:
+    """``loss.png`` beside results.json (matplotlib; one line saying how to get it when it is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("loss.png not written: pip install matplotlib (or the logging extra)")
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def push_to_hub(args: argparse.Namespace) -> str:
+    """Upload ``--output_dir`` (adapters, results, validation images; no checkpoints) to the hub."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = args.hub_model_id or Path(args.output_dir).name
+    create_repo(repo, token=args.hub_token, exist_ok=True)
+    upload_folder(repo_id=repo, folder_path=args.output_dir, token=args.hub_token,
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"])
+    return repo
+
+
+def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_loader, epochs: int,
+                   warmup_ratio: float, run_dir: str | Path, resume: str | None,
+                   settings: dict | None = None) -> SimpleNamespace:
+    """Cosine schedule over ``epochs``, ``accelerator.prepare``, and resume from ``run_dir`` when asked.
+
+    Returns the prepared objects plus ``steps_per_epoch``, ``total`` and ``state`` (the resumed
+    checkpoint's state.json; ``{"epoch": 0}`` on a fresh start)."""
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    total = steps_per_epoch * epochs
+    scheduler = cosine_with_warmup(optimizer, int(warmup_ratio * total), total)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    state = {"epoch": 0}
+    checkpoint = resolve_checkpoint(run_dir, resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, settings,
+                                accelerator.print)
+        accelerator.print(f"resumed from {checkpoint} (epoch {state['epoch']})")
+    return SimpleNamespace(model=model, optimizer=optimizer, train_loader=train_loader, eval_loader=eval_loader,
+                           scheduler=scheduler, steps_per_epoch=steps_per_epoch, total=total, state=state)
+
+
+def stop_if_diverged(loss: torch.Tensor, step: int) -> None:
+    """For the epoch-based loops: a non-finite loss stops the run before its step is applied."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise TrainingDiverged(f"step {step}: the loss is {loss.detach().float().mean().item()!r}; stopping before "
+                               "it is applied. Lower --learning_rate and resume with --resume_from_checkpoint "
+                               "latest (the newest checkpoint holds finite weights)")
+
+
+class StopSignals:
+    """``with StopSignals() as stop:`` SIGTERM (what SLURM and cloud preemption send) and SIGINT
+    (Ctrl-C) set ``stop.signal`` instead of killing the process, so the loop can finish its step and
+    write a checkpoint; a second signal acts as usual. A no-op outside the main thread."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._saved = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, self._saved.get(signum, signal.SIG_DFL))  # the next one is not caught
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
+class EpochBatches:
+    """One epoch of a shuffled loader that can stop and resume in the middle.
+
+    ``rng`` is the torch RNG state the epoch's shuffle is drawn from. Given a mid-epoch checkpoint's
+    ``partial`` (``{"rng": …, "batches_done": k}``), the same order is drawn again, the first k batches
+    are skipped, and the RNG continues from the checkpoint's state — so the resumed epoch equals the
+    uninterrupted one (data loading must draw no random numbers, as in the VTAB and GLUE recipes).
+    """
+
+    def __init__(self, loader, partial: dict | None = None):
+        self.loader = loader
+        self.rng = partial["rng"] if partial else torch.get_rng_state().tolist()
+        self.done = partial["batches_done"] if partial else 0
+
+    def __iter__(self):
+        now = torch.get_rng_state()
+        torch.set_rng_state(torch.tensor(self.rng, dtype=torch.uint8))
+        iterator = iter(self.loader)
+        first = next(iterator, None)  # the shuffle draws its seed here
+        torch.set_rng_state(now)
+        if first is None:
+            return
+        skip = self.done
+        for index, batch in enumerate(itertools.chain([first], iterator)):
+            if index < skip:
+                continue
+            self.done = index + 1
+            yield batch
+
+    def state(self, **more) -> dict:
+        """What a mid-epoch checkpoint records (``extra["partial"]``)."""
+        return {"rng": self.rng, "batches_done": self.done, **more}
+
+
+def exit_for_signal(stop: "StopSignals", accelerator, step: int, resume_from: Path | None, progress=None) -> None:
+    """The loops of the scripts without :func:`train_steps`, on SIGTERM/SIGINT, after they wrote a
+    checkpoint at ``step``: say where to resume and exit with status 128 + the signal's number."""
+    if progress is not None:
+        progress.close()
+    name = signal.Signals(stop.signal).name
+    accelerator.print(f"\n{name}: stopped after step {step}; checkpoint written to {resume_from}. Continue with "
+                      "the same command plus --resume_from_checkpoint latest")
+    raise SystemExit(128 + int(stop.signal))
+
+
+def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, models: list, optimizer, scheduler,
+                loader, loss_fn, validate=None) -> SimpleNamespace:
+    """The optimizer-step loop of the step-based scripts (DreamBooth, control), prepared objects given.
+
+    Resumes from ``--resume_from_checkpoint`` (``latest``: the newest complete checkpoint under
+    ``output_dir``), refusing other settings, continuing mid-epoch with the batches the interrupted
+    epoch had not seen; then per batch: ``loss_fn(batch)`` under ``accumulate(*models)``, backward,
+    gradient clipping (``--max_grad_norm``), optimizer and scheduler step; per optimizer step: progress
+    bar, tracker log, a checkpoint every ``--checkpointing_steps`` and ``validate(step)`` (→ a saved
+    path) every ``--validation_steps``. Returns ``step``, ``losses``, ``validations`` and ``seconds``.
+
+    Faults: a non-finite loss or gradient norm is never applied; more than ``--max_nonfinite_steps``
+    (default 0) in a row raise :class:`TrainingDiverged` naming the step and the value (fp16's loss
+    scaler skipping a step with an inf gradient is not counted). SIGTERM or SIGINT finish the current
+    step, write a checkpoint and exit with status 128 + the signal's number.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    step, losses = 0, []
+    settings = run_settings(args)
+    checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trained, optimizer, scheduler, settings, accelerator.print)
+        step, losses = state["step"], state.get("losses", [])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
+    allowed_nonfinite = getattr(args, "max_nonfinite_steps", 0)
+    bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    start, validations, nonfinite = time.time(), [], 0
+
+    def checkpoint_now():
+        if accelerator.is_main_process:
+            save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses, "settings": settings},
+                            keep=args.checkpoints_total_limit)
+
+    with StopSignals() as stop:
+        while step < args.max_train_steps:
+            skip = (step % updates_per_epoch) * args.gradient_accumulation_steps  # resumed mid-epoch
+            for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                with accelerator.accumulate(*models):
+                    loss = loss_fn(batch)
+                    accelerator.backward(loss)
+                    norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) \
+                        if accelerator.sync_gradients else None
+                    bad_loss = not bool(torch.isfinite(loss.detach()).all())
+                    bad_norm = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
+                    scaler_skips = accelerator.scaler is not None and bad_norm and not bad_loss
+                    flags = accelerator.gather(torch.tensor([[float(bad_loss or (bad_norm and not scaler_skips)),
+                                                              float(stop.signal is not None)]],
+                                                            device=accelerator.device)).amax(dim=0)
+                    bad, stopping = bool(flags[0]), bool(flags[1])
+                    if bad:  # never applied: the weights stay finite
+                        optimizer.zero_grad(set_to_none=True)
+                    else:
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if bad:
+                    nonfinite += 1
+                    if nonfinite > allowed_nonfinite:
+                        last = resolve_checkpoint(out, "latest") if accelerator.is_main_process else None
+                        raise TrainingDiverged(
+                            f"step {step + 1}: the loss is {loss.item()!r}, the gradient norm "
+                            f"{float(norm) if norm is not None else 'not computed'}; stopping before it is "
+                            f"applied ({nonfinite} non-finite step(s) in a row, --max_nonfinite_steps "
+                            f"{allowed_nonfinite}). Last checkpoint: {last or 'none'}; lower --learning_rate "
+                            "(or use bf16 rather than fp16) and resume with --resume_from_checkpoint latest")
+                    continue
+                if not accelerator.sync_gradients:
+                    continue
+                nonfinite = 0
+                step += 1
+                losses.append(accelerator.gather(loss.detach()).mean().item())
+                lr = scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"loss": losses[-1], "lr": lr}, step=step)
+                if stopping:
+                    checkpoint_now()
+                    accelerator.wait_for_everyone()
+                    name = signal.Signals(stop.signal or signal.SIGTERM).name
+                    accelerator.print(f"\n{name}: stopped after step {step}; checkpoint written to "
+                                      f"{out / f'checkpoint-{step}'}. Continue with the same command plus "
+                                      "--resume_from_checkpoint latest")
+                    raise SystemExit(128 + int(stop.signal or signal.SIGTERM))
+                if step % args.checkpointing_steps == 0:
+                    checkpoint_now()
+                if validate is not None and step % args.validation_steps == 0 and accelerator.is_main_process:
+                    validations.append(str(validate(step)))
+                if step >= args.max_train_steps:
+                    break
+    accelerator.wait_for_everyone()
+    return SimpleNamespace(step=step, losses=losses, validations=validations, seconds=round(time.time() - start, 1))
