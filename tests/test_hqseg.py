@@ -138,3 +138,15 @@ def test_sigterm_mid_epoch_checkpoint_resumes_exactly(setup, tmp_path, monkeypat
                                            "latest"))
     assert resumed["epoch_losses"] == pytest.approx(full["epoch_losses"], abs=1e-6)
     assert resumed["after"]["COIFT"] == pytest.approx(full["after"]["COIFT"])
+
+
+def test_embedding_cache_is_keyed_by_the_model(setup, tmp_path):
+    from boftvision.integrations.sam import embedding_cache
+
+    other = tmp_path / "other.pt"
+    torch.save(build_sam(TINY).state_dict(), other)
+    first = embedding_cache(tmp_path / "cache", "vit_b", str(setup / "sam.pt"), str(setup / "sam.json"))
+    assert first == embedding_cache(tmp_path / "cache", "vit_b", str(setup / "sam.pt"), str(setup / "sam.json"))
+    assert first != embedding_cache(tmp_path / "cache", "vit_b", str(other), str(setup / "sam.json"))
+    assert first != embedding_cache(tmp_path / "cache", "vit_h", str(setup / "sam.pt"), str(setup / "sam.json"))
+    assert first.parent == tmp_path / "cache" and embedding_cache(None, "vit_b", None) is None

@@ -13,7 +13,7 @@ import torch
 
 import boftvision as bv
 from boftvision.data.hqseg import EVAL_SETS, HQSegDataset
-from boftvision.integrations.sam import build_sam, evaluate_sets, load_sam, scores_table
+from boftvision.integrations.sam import build_sam, embedding_cache, evaluate_sets, load_sam, scores_table
 from boftvision.training import describe_flags
 
 
@@ -36,7 +36,8 @@ def main(argv=None) -> dict:
     if args.adapter_dir:
         bv.load_adapter(sam.mask_decoder, args.adapter_dir, is_trainable=False)
     datasets = {name: HQSegDataset.from_sets(args.data_root, [name]) for name in args.eval_sets}
-    scores = evaluate_sets(sam, datasets, Path(args.cache_dir) if args.cache_dir else None)
+    scores = evaluate_sets(sam, datasets, embedding_cache(args.cache_dir, args.model_type, args.checkpoint,
+                                                          args.sam_config))
     print(scores_table(scores))
     return scores
 

@@ -29,6 +29,7 @@ from boftvision.integrations.sam import (
     build_sam,
     coarse_mask_prompt,
     decode,
+    embedding_cache,
     evaluate_sets,
     freeze_encoders,
     image_embedding,
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
     counts = bv.count_parameters(sam.mask_decoder)
     train_set = HQSegDataset.from_sets(args.data_root, args.train_sets, args.skip_bad_files)
     eval_sets = {name: HQSegDataset.from_sets(args.data_root, [name], args.skip_bad_files) for name in args.eval_sets}
-    cache = Path(args.cache_dir) if args.cache_dir else None
+    cache = embedding_cache(args.cache_dir, args.model_type, args.checkpoint, args.sam_config)
     optimizer = make_optimizer(sam, args, args.learning_rate, args.weight_decay)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total = steps_per_epoch * args.epochs

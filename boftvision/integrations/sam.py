@@ -64,10 +64,27 @@ def preprocess(sam, image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def embedding_cache(cache_dir: str | Path | None, model_type: str | None, checkpoint: str | None,
+                    sam_config: str | None = None) -> Path | None:
+    """``cache_dir/<key>``: one subfolder per image encoder (type or config, and the checkpoint file's
+    path, size and time), so a cache shared between two SAMs never hands one the other's embeddings."""
+    if not cache_dir:
+        return None
+    import hashlib
+    import json
+
+    stat = Path(checkpoint).stat() if checkpoint else None
+    key = json.dumps({"type": model_type, "config": Path(sam_config).read_text() if sam_config else None,
+                      "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+                      "size": stat.st_size if stat else None, "mtime": stat.st_mtime_ns if stat else None},
+                     sort_keys=True)
+    return Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def image_embedding(sam, image: np.ndarray, cache: Path | None = None) -> torch.Tensor:
     """The frozen image encoder's output (1, C, h, w); read from/written to ``cache`` when given."""
     if cache is not None and cache.is_file():
-        return torch.load(cache, map_location=sam.device)
+        return torch.load(cache, map_location=sam.device, weights_only=True)
     embedding = sam.image_encoder(preprocess(sam, image))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
