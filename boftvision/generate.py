@@ -32,7 +32,7 @@ from .integrations.diffusers import (
     recorded_base_model,
 )
 from .interpolate import butterfly_interpolation, num_butterfly_components
-from .training import describe_flags
+from .training import describe_flags, run_cli
 
 
 def adapted_parts(pipe) -> list[torch.nn.Module]:
@@ -221,4 +221,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

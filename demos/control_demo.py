@@ -20,7 +20,7 @@ from boftvision.data.controlnet import write_triplets
 from boftvision.data.shapes import control_example
 from boftvision.generate import control_features, interpolation_path, labelled_grid
 from boftvision.integrations.diffusers import attach_adapters, load_pipeline
-from boftvision.training import describe_flags
+from boftvision.training import describe_flags, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
@@ -64,4 +64,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

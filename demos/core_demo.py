@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import boftvision as bv
-from boftvision.training import describe_flags
+from boftvision.training import describe_flags, run_cli
 
 
 class Backbone(nn.Module):
@@ -110,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

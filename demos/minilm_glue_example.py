@@ -14,7 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-from boftvision.training import describe_flags
+from boftvision.training import describe_flags, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
@@ -111,4 +111,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -202,3 +202,18 @@ def test_paths_and_recorded_settings_spare_the_retyping(tmp_path, tiny_sd, monke
 def test_flags_that_do_nothing_say_so(tiny_sd, instance, tmp_path):
     with pytest.warns(UserWarning, match="ignored without --with_prior_preservation"):
         train_dreambooth_boft.parse_args(base(tiny_sd, instance, tmp_path / "out") + ["--class_prompt", "a shape"])
+
+
+def test_user_errors_are_one_line_not_a_traceback(tmp_path):
+    """From the command line, a mistake in the input prints `error: …` (exit 2); bugs keep tracebacks."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in ([str(ROOT / "train_scripts" / "train_dreambooth_boft.py"), "--instance_data_dir",
+                     str(tmp_path / "no-such-folder"), "--instance_prompt", "a photo of sks shape", "--output_dir",
+                     str(tmp_path / "out")],
+                    ["-m", "boftvision.generate", "--adapter", str(tmp_path / "no-adapter"), "--prompt", "x"]):
+        run = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "no-" in run.stderr

@@ -31,7 +31,7 @@ from boftvision.generate import control_features, generate
 from boftvision.inject import disable_adapter
 from boftvision.integrations.diffusers import EMBEDDED, adapter_parts, attach_adapters, load_pipeline
 from boftvision.metrics.control import face_alignment_detector, landmark_error, mask_iou_error
-from boftvision.training import describe_flags
+from boftvision.training import describe_flags, run_cli
 
 
 def object_mask(image: Image.Image, threshold: float = 60.0) -> np.ndarray:
@@ -107,4 +107,4 @@ def adapter_parts_or_none(adapter_dir) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

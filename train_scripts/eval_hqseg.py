@@ -14,7 +14,7 @@ import torch
 import boftvision as bv
 from boftvision.data.hqseg import EVAL_SETS, HQSegDataset
 from boftvision.integrations.sam import build_sam, embedding_cache, evaluate_sets, load_sam, scores_table
-from boftvision.training import describe_flags
+from boftvision.training import describe_flags, run_cli
 
 
 def main(argv=None) -> dict:
@@ -43,4 +43,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

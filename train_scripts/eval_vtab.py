@@ -16,7 +16,7 @@ import boftvision as bv
 from boftvision.data.vtab import VTABDataset
 from boftvision.integrations.dinov2 import Dinov2Classifier, load_backbone
 from boftvision.metrics.classification import top1_accuracy
-from boftvision.training import describe_flags
+from boftvision.training import describe_flags, run_cli
 
 
 def main(argv=None) -> float:
@@ -65,4 +65,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

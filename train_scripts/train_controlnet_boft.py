@@ -54,6 +54,7 @@ from boftvision.training import (
     list_checkpoints,
     make_optimizer,
     push_to_hub,
+    run_cli,
     run_settings,
     save_loss_plot,
     train_steps,
@@ -277,4 +278,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -63,6 +63,7 @@ from boftvision.training import (
     list_checkpoints,
     make_optimizer,
     push_to_hub,
+    run_cli,
     run_settings,
     save_loss_plot,
     train_steps,
@@ -364,4 +365,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -36,6 +36,7 @@ from boftvision.training import (
     exit_for_signal,
     make_optimizer,
     prepare_epochs,
+    run_cli,
     run_settings,
     save_checkpoint,
     save_loss_plot,
@@ -224,4 +225,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

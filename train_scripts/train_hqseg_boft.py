@@ -50,6 +50,7 @@ from boftvision.training import (
     load_checkpoint,
     make_optimizer,
     resolve_checkpoint,
+    run_cli,
     run_settings,
     save_checkpoint,
     save_loss_plot,
@@ -195,4 +196,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -38,6 +38,7 @@ from boftvision.training import (
     load_checkpoint,
     make_optimizer,
     resolve_checkpoint,
+    run_cli,
     run_settings,
     save_checkpoint,
     save_loss_plot,
@@ -219,4 +220,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

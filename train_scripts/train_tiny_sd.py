@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from boftvision.data.shapes import COLOURS, SHAPES, WORDS, base_example
 from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import TINY, image_grid, pipeline_from_components, tiny_components
-from boftvision.training import claim_output_dir, cosine_with_warmup, describe_flags, seed_everything
+from boftvision.training import claim_output_dir, cosine_with_warmup, describe_flags, run_cli, seed_everything
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -122,4 +122,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

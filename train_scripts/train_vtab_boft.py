@@ -40,6 +40,7 @@ from boftvision.training import (
     exit_for_signal,
     make_optimizer,
     prepare_epochs,
+    run_cli,
     run_settings,
     save_checkpoint,
     save_loss_plot,
@@ -223,4 +224,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -202,3 +202,21 @@ def diffusers_step_counts(args: argparse.Namespace, batches_per_epoch: int, num_
         args.validation_steps = args.validation_epochs * updates_per_epoch if args.validation_epochs else 100
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+
+
+# what a user's input can cause (a bad path, flag, file or folder): shown as one line, without a traceback
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, KeyError)
+
+
+def run_cli(main, argv=None) -> None:
+    """Run a script's ``main``: errors caused by its input print as one ``error: …`` line (exit 2, as
+    argparse does) instead of a traceback; anything else — a bug — keeps its traceback."""
+    import sys
+
+    try:
+        main() if argv is None else main(argv)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
