@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import random
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 import zipfile
 from pathlib import Path
@@ -66,8 +68,18 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
         (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step}, indent=2))
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old)
+            remove_folder(old)
+    for leftover in Path(folder).glob(".checkpoint-*"):  # what a kill left of earlier writes or removals
+        shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+def remove_folder(path: Path) -> None:
+    """Rename, then delete: a kill during the deletion leaves a hidden folder, never a checkpoint-N
+    with some of its files gone."""
+    trash = path.with_name(f".{path.name}.deleted-{uuid.uuid4().hex[:8]}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
