@@ -110,18 +110,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--skip_bad_files", action="store_true",
-                   help="drop unreadable images with a warning (default: stop before training, listing them)")
+    p.add_argument("--skip_bad_files", action="store_true")
     p.add_argument("--save_merged", action="store_true",
                    help="also write output_dir/merged: the pipeline with the UNet adapter merged (control "
                         "signals still come from the saved control encoder: generate --control)")
-    p.add_argument("--peft_compatible", action="store_true",
-                   help="save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere")
-    p.add_argument("--max_nonfinite_steps", type=int, default=0,
-                   help="consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
-                        "the run stops as diverged")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace a finished or different run in --output_dir (refused otherwise)")
+    p.add_argument("--peft_compatible", action="store_true")
+    p.add_argument("--max_nonfinite_steps", type=int, default=0)
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--report_to", default="none")
     add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
     add_diffusers_training_arguments(p)

@@ -118,21 +118,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace a finished or different run in --output_dir (refused otherwise)")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, … (accelerate trackers)")
     p.add_argument("--dataloader_num_workers", "--num_dataloader_workers", dest="dataloader_num_workers", type=int,
                    default=0, help="data-loading worker processes (default: %(default)s)")
-    p.add_argument("--peft_compatible", action="store_true",
-                   help="save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere")
+    p.add_argument("--peft_compatible", action="store_true")
     p.add_argument("--save_merged", action="store_true",
                    help="also write output_dir/merged: a plain pipeline with the adapters merged "
                         "(StableDiffusionPipeline.from_pretrained loads it)")
-    p.add_argument("--skip_bad_files", action="store_true",
-                   help="drop unreadable images with a warning (default: stop before training, listing them)")
-    p.add_argument("--max_nonfinite_steps", type=int, default=0,
-                   help="consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
-                        "the run stops as diverged")
+    p.add_argument("--skip_bad_files", action="store_true")
+    p.add_argument("--max_nonfinite_steps", type=int, default=0)
     g = p.add_argument_group("more of diffusers' and PEFT's DreamBooth flags")
     g.add_argument("--rank", type=int, default=None, help="the adapter's rank (LoRA r, VB-LoRA r); diffusers' name")
     g.add_argument("--use_boft", action="store_true", help="PEFT's example: the same as --adapter boft")

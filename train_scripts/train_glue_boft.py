@@ -71,8 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     add_report_to_argument(p)
     p.add_argument("--output_dir", default="outputs/glue")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace a finished or different run in --output_dir (refused otherwise)")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, allow_none=True)

@@ -80,11 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_report_to_argument(p)
-    p.add_argument("--skip_bad_files", action="store_true",
-                   help="drop unreadable images with a warning (default: stop before training, listing them)")
+    p.add_argument("--skip_bad_files", action="store_true")
     p.add_argument("--output_dir", default="outputs/hqseg")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace a finished or different run in --output_dir (refused otherwise)")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.005})

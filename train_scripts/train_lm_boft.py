@@ -196,8 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     add_report_to_argument(p)
     p.add_argument("--output_dir", default="outputs/lm")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace a finished or different run in --output_dir (refused otherwise)")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None)

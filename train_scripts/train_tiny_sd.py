@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/tiny-sd",
                    help="the embedded copy is boftvision/assets/tiny-sd: replace it only on purpose "
                         "(make tiny-sd, which passes --overwrite_output_dir)")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="replace what --output_dir holds")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--vae_steps", type=int, default=300, help="VAE training steps")
     p.add_argument("--vae_batch_size", type=int, default=16, help="VAE batch size")
     p.add_argument("--unet_steps", type=int, default=2000, help="UNet training steps")

@@ -77,14 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--output_dir", default="outputs/vtab")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace a finished or different run in --output_dir (refused otherwise)")
+    p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--checkpointing_epochs", type=int, default=1)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     add_report_to_argument(p)
-    p.add_argument("--skip_bad_files", action="store_true",
-                   help="drop unreadable images with a warning (default: stop before training, listing them)")
+    p.add_argument("--skip_bad_files", action="store_true")
     add_adapter_arguments(p)
     args = describe_flags(p).parse_args(argv)
     args.tasks = list(TASKS) if args.tasks == ["all"] else args.tasks

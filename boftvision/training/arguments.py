@@ -14,6 +14,11 @@ from ..config import AdapterConfig
 # help of the flags many scripts share (diffusers' and transformers' names); a script's own flags carry
 # their help where they are defined
 FLAG_HELP = {
+    "overwrite_output_dir": "replace a finished or different run in --output_dir (refused otherwise)",
+    "skip_bad_files": "drop unreadable images with a warning (default: stop before training, listing them)",
+    "max_nonfinite_steps": "consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
+                           "the run stops as diverged",
+    "peft_compatible": "save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere",
     "pretrained_model_name_or_path": "a diffusers pipeline folder or hub id (default: the embedded tiny pipeline)",
     "model_name_or_path": "a local model folder or hub id",
     "output_dir": "where checkpoints, adapters and results go (refused if it holds another run)",
