@@ -29,6 +29,9 @@ LIMITS = {"r": 65536, "num_vectors": 2**20, "vector_length": 2**20, "topk": 2**2
           "block_num": 2**24, "n_butterfly_factor": 32, "num_cayley_neumann_terms": 64}
 
 
+ORIENTATIONS = ("input", "output")
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -133,6 +136,8 @@ class AdapterConfig:
         out.setdefault("bias", "none")
         out.setdefault("fan_in_fan_out", False)
         out.setdefault("inference_mode", True)
+        if out.get("orientation") == "input":
+            del out["orientation"]  # the default; PEFT's configs have no such key
         return out
 
     @classmethod
@@ -233,11 +238,17 @@ class _BlockConfig(AdapterConfig):
 
     block_size: int = option(0, "size b of each orthogonal block (divides every adapted width)")
     block_num: int = option(0, "number of blocks N per layer, instead of block_size (b = d/N)")
+    # which side of W0 the rotation acts on: "input" (W0·Rᵀ: the papers, PEFT; the only one PEFT's
+    # format holds) or "output" (R·W0: LyCORIS, as ComfyUI/AUTOMATIC1111/kohya load it); the scripts'
+    # --orientation flag
+    orientation: str = "input"
 
     def validate(self) -> None:
         name = type(self).__name__
         _check_int(self, "block_size", 0)
         _check_int(self, "block_num", 0)
+        _check(self.orientation in ORIENTATIONS,
+               f"{name}: orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
         _check((self.block_size > 0) != (self.block_num > 0),
                f"{name}: give exactly one of block_size or block_num (>0), got "
                f"block_size={self.block_size}, block_num={self.block_num}")
@@ -277,7 +288,8 @@ class BOFTConfig(_BlockConfig):
     """BOFT: R = product of ``n_butterfly_factor`` butterfly components of b×b Cayley blocks, plus a
     learnable output scale. ``dropout`` is the paper's multiplicative dropout."""
 
-    n_butterfly_factor: int = option(1, "butterfly factors m (1 = OFT); b·2^(m−1) divides every adapted width")
+    n_butterfly_factor: int = option(1, "butterfly factors m (1 = OFT; 0 = the full butterfly, log2(N)+1 per "
+                                        "layer, as LyCORIS builds it); b·2^(m−1) divides every adapted width")
     dropout: float = option(0.0, "multiplicative dropout: a share of blocks set to the identity per step")
 
     method: ClassVar[str] = "boft"
@@ -290,8 +302,8 @@ class BOFTConfig(_BlockConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_int(self, "n_butterfly_factor", 1)
+        _check_int(self, "n_butterfly_factor", 0)
         _check_float(self, "dropout", 0.0, 1.0)
-        if self.n_butterfly_factor > 1 and self.block_size:
+        if self.n_butterfly_factor != 1 and self.block_size:
             _check(self.block_size % 2 == 0,
-                   f"BOFTConfig: block_size must be even when n_butterfly_factor > 1, got {self.block_size}")
+                   f"BOFTConfig: block_size must be even when n_butterfly_factor ≠ 1, got {self.block_size}")

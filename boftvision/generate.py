@@ -30,6 +30,8 @@ from .integrations.diffusers import (
     image_grid,
     load_pipeline,
     recorded_base_model,
+    save_lycoris_file,
+    save_single_file,
 )
 from .interpolate import butterfly_interpolation, num_butterfly_components
 from .training import describe_flags, run_cli
@@ -153,6 +155,11 @@ def main(argv=None) -> Path:
     p.add_argument("--prompt", help="what to draw (needed unless --export)")
     p.add_argument("--export", metavar="DIR", help="instead of images: write model + adapter merged as a "
                    "plain pipeline folder (StableDiffusionPipeline.from_pretrained loads it)")
+    p.add_argument("--export_single_file", metavar="FILE", help="instead of images: write model + adapter merged "
+                   "as one original-layout Stable Diffusion checkpoint (.safetensors) for AUTOMATIC1111/ComfyUI")
+    p.add_argument("--export_lycoris", metavar="FILE", help="instead of images: write the adapter as a LyCORIS "
+                   "file (.safetensors) for ComfyUI/AUTOMATIC1111/kohya (LoRA, VB-LoRA; OFT/BOFT trained with "
+                   "--orientation output)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -163,10 +170,11 @@ def main(argv=None) -> Path:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="generated.png")
     args = describe_flags(p).parse_args(argv)
-    if args.export and not args.adapter:
-        p.error("--export needs --adapter (what to merge into --model)")
-    if not (args.prompt or args.export):
-        p.error("give --prompt (or --export DIR)")
+    exports = [flag for flag in ("export", "export_single_file", "export_lycoris") if getattr(args, flag)]
+    if exports and not args.adapter:
+        p.error(f"--{exports[0]} needs --adapter (what to export with --model)")
+    if not (args.prompt or exports):
+        p.error("give --prompt (or --export DIR, --export_single_file FILE, --export_lycoris FILE)")
     recorded = recorded_base_model(args.adapter) if args.adapter else None
     if args.model is None:
         if recorded and recorded.startswith("/") and not Path(recorded).exists():
@@ -177,16 +185,22 @@ def main(argv=None) -> Path:
     elif recorded and str(Path(recorded)) != str(Path(args.model)):
         warnings.warn(f"--model {args.model} differs from the base the adapter was trained on ({recorded}); "
                       "the images will not be the run's", stacklevel=2)
-    dtype = torch.float16 if args.device == "cuda" and not args.export else torch.float32
+    dtype = torch.float16 if args.device == "cuda" and not exports else torch.float32
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         attach_adapters(pipe, args.adapter)
     elif args.interpolate:
         p.error("--interpolate needs --adapter")
-    if args.export:
-        export_merged(pipe, args.export)
-        print(f"wrote {args.export}")
-        return Path(args.export)
+    if exports:
+        if args.export_lycoris:  # first: the merged exports below fold the adapters into the weights
+            save_lycoris_file(pipe, args.export_lycoris)
+        if args.export_single_file:
+            save_single_file(pipe, args.export_single_file)
+        if args.export:
+            export_merged(pipe, args.export)
+        for flag in exports:
+            print(f"wrote {getattr(args, flag)}")
+        return Path(getattr(args, exports[0]))
     control = None
     if args.adapter and not args.control and (Path(args.adapter) / "control_encoder.json").is_file():
         warnings.warn(f"{args.adapter} holds a control encoder but no --control image was given: the images are "

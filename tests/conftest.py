@@ -104,3 +104,22 @@ def instance(tmp_path_factory):
     for i, image in enumerate(instance_images(2, 32)):
         image.save(folder / f"{i}.png")
     return folder
+
+
+# --- lycoris-lora, the reference LyCORIS implementation (ComfyUI/AUTOMATIC1111/kohya's format) -------
+LYCORIS_PRESET = {  # its default ("full") names time_embedding.linear_1 twice on diffusers UNets
+    "enable_conv": True, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D"], "unet_target_name": [],
+    "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"], "text_encoder_target_name": [],
+}
+
+
+def apply_lycoris_file(pipe, path):
+    """lycoris-lora's network from a LyCORIS file applied to the pipeline's UNet and text encoder, as
+    kohya's loader does it; fails when lycoris-lora leaves a module of the file out."""
+    from lycoris import kohya
+
+    kohya.LycorisNetworkKohya.apply_preset(LYCORIS_PRESET)  # its targets are class state
+    network, weights = kohya.create_network_from_weights(1.0, str(path), None, pipe.text_encoder, pipe.unet)
+    network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    assert len(network.loras) == len({k.split(".")[0] for k in weights}), "lycoris-lora skipped modules"
+    return network

@@ -1,5 +1,6 @@
 """Adapter behaviour, parametrised over method × layer type."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,10 @@ from boftvision.ops.orthogonal import dense_rotation, orthogonality_error, skew_
 
 LAYER_KINDS = {"linear": LINEAR, "conv": CONV}
 CASES = [(m, k) for m in METHODS for k in LAYER_KINDS]
+# OFT/BOFT with LyCORIS's orientation: R acts on the output channels (R·W0)
+OUTPUT_SIDE = {f"{m}_output": lambda t, init=True, m=m: dataclasses.replace(CONFIGS[m](t, init), orientation="output")
+               for m in ("oft", "boft")}
+ALL_CONFIGS = {**CONFIGS, **OUTPUT_SIDE}
 
 
 def run(model, inputs):
@@ -207,7 +212,7 @@ def test_bf16_base_keeps_fp32_adapters(net, inputs, method):
                for p in model32.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(ALL_CONFIGS))
 def test_short_training_lowers_the_loss(method):
     """Regress a teacher that differs from the student by a small rotation+shift of its weights."""
     torch.manual_seed(0)
@@ -219,7 +224,7 @@ def test_short_training_lowers_the_loss(method):
     x, img = torch.randn(64, 32), torch.randn(16, 8, 6, 6)
     with torch.no_grad():
         target = teacher(x, img)
-    model = bv.add_adapter(student, CONFIGS[method](LINEAR + CONV))
+    model = bv.add_adapter(student, ALL_CONFIGS[method](LINEAR + CONV))
     optim = torch.optim.Adam(bv.parameter_groups(model, lr=1e-2), lr=1e-2)
 
     def loss_fn():
@@ -344,3 +349,48 @@ def test_adapters_follow_the_models_train_mode(net, method):
     assert not any(m.training for m in model.modules())
     model.train()
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("method,kind", [(m, k) for m in OUTPUT_SIDE for k in LAYER_KINDS])
+def test_output_orientation_rotates_the_output_channels(net, inputs, method, kind):
+    """W' = s ⊙ R W0 with R (n × n) over the output channels, on the activations and on the weight,
+    merged, and unmerged back to W0."""
+    reference, originals = copy.deepcopy(net), {n: p.detach().clone() for n, p in net.named_parameters()}
+    model = bv.add_adapter(net, OUTPUT_SIDE[method](LAYER_KINDS[kind], init=False)).eval()
+    with torch.no_grad():
+        for name in LAYER_KINDS[kind]:
+            adapter, weight = getattr(model, name).adapters["default"], getattr(reference, name).weight
+            r = dense_rotation(adapter.rotation_blocks(dropout=False))
+            assert r.shape == (weight.shape[0],) * 2 and orthogonality_error(r) < 1e-5
+            rotated = (r @ weight.reshape(weight.shape[0], -1)).reshape(weight.shape)
+            s = adapter.scale()
+            weight.copy_(rotated if s is None else rotated * s.reshape(-1, *[1] * (weight.dim() - 1)))
+        expected = run(reference, inputs)
+        for side in ("input", "weight"):
+            for _, layer in adapted_layers(model):
+                layer.adapters["default"].rotation_side = side
+            assert close(run(model, inputs), expected)
+        bv.merge_adapter(model)
+        assert close(run(model, inputs), expected)
+        bv.unmerge_adapter(model)
+    for name in LAYER_KINDS[kind]:
+        torch.testing.assert_close(getattr(model, name).base_layer.weight, originals[f"{name}.weight"],
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(OUTPUT_SIDE))
+def test_output_orientation_batches_rotations_and_interpolates(net, inputs, method):
+    base_out = run(copy.deepcopy(net), inputs)
+    shared = bv.add_adapter(net, OUTPUT_SIDE[method](LINEAR + CONV, init=False))
+    alone = copy.deepcopy(shared)
+    alone._forward_pre_hooks.clear()  # layer by layer
+    results = []
+    for model in (shared, alone):
+        out = run(model, inputs)
+        sum(o.square().sum() for o in out).backward()
+        results.append([o.detach() for o in out] + [p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # every butterfly component to identity, scale reset: the base model
+        bv.butterfly_interpolation(shared.eval(), bv.num_butterfly_components(shared), reset_scale=True)
+        assert close(run(shared, inputs), base_out, 1e-6)

@@ -176,3 +176,41 @@ def test_export_merged_pipeline_equals_adapted_one(setup, tmp_path):
         torch.testing.assert_close(unet_output(merged.unet), expected[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(merged.text_encoder(ids)[0], expected[1], atol=1e-4, rtol=1e-4)
     assert not any("adapters" in name for name, _ in merged.unet.named_parameters())
+
+
+def test_exports_for_comfyui_and_automatic1111(setup, tmp_path):
+    """--orientation output --export_format lycoris --save_single_file: the LyCORIS file loads in
+    lycoris-lora and the single file in diffusers' from_single_file, both giving the trained pipeline."""
+    pytest.importorskip("lycoris.kohya", reason="lycoris-lora is a dev dependency")
+    from conftest import apply_lycoris_file
+    from diffusers import StableDiffusionPipeline
+
+    train_dreambooth_boft.main(args(setup, tmp_path, "--adapter", "boft", "--orientation", "output",
+                                    "--train_text_encoder", "--max_train_steps", "3", "--export_format", "lycoris",
+                                    "--save_single_file"))
+    ours = load_pipeline(setup / "model")
+    assert attach_adapters(ours, tmp_path) == ["unet", "text_encoder"]
+    ids = torch.tensor([[0, 5, 9, 2]])
+    with torch.no_grad():
+        expected = unet_output(ours.unet), ours.text_encoder(ids)[0]
+    assert (expected[0] - unet_output(load_pipeline(setup / "model").unet)).abs().max() > 1e-4
+
+    theirs = load_pipeline(setup / "model")
+    network = apply_lycoris_file(theirs, tmp_path / "adapter_lycoris.safetensors")
+    assert len(network.unet_loras) > 0 and len(network.text_encoder_loras) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(unet_output(theirs.unet), expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.text_encoder(ids)[0], expected[1], atol=1e-5, rtol=1e-5)
+
+    single = StableDiffusionPipeline.from_single_file(str(tmp_path / "model.safetensors"), config=str(setup / "model"),
+                                                      safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        torch.testing.assert_close(unet_output(single.unet), expected[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(single.text_encoder(ids)[0], expected[1], atol=1e-4, rtol=1e-4)
+
+
+def test_lycoris_export_of_input_side_boft_stops_before_training(setup, tmp_path):
+    with pytest.raises(SystemExit, match="--orientation output"):
+        train_dreambooth_boft.main(args(setup, tmp_path / "run", "--adapter", "boft", "--max_train_steps", "2",
+                                        "--export_format", "lycoris"))
+    assert not (tmp_path / "run" / "checkpoint-2").exists()

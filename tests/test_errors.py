@@ -45,7 +45,7 @@ def test_bad_layer_settings_name_the_fix_and_change_nothing(net, config, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(block_size=8, block_num=4), "exactly one of block_size or block_num"),
     (dict(block_size=3, n_butterfly_factor=2), "block_size must be even"),
-    (dict(block_size=4, n_butterfly_factor=0), r"n_butterfly_factor must be an int in \[1, 32\]"),
+    (dict(block_size=4, n_butterfly_factor=-1), r"n_butterfly_factor must be an int in \[0, 32\]"),
     (dict(block_size=4, dropout=1.5), r"dropout must be a number in \[0, 1\)"),
 ])
 def test_bad_config_values_fail_at_construction(kwargs, match):

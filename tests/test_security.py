@@ -129,7 +129,7 @@ def test_a_config_larger_than_its_tensors_is_refused_before_allocation(tmp_path,
     config, tensors = saved(tmp_path, net, "lora")
     config["r"] = 60_000  # within the limit, but not what the file holds
     folder = write_adapter(tmp_path / "big", config, tensors)
-    monkeypatch.setattr(adapter_io, "add_adapter", lambda *a, **k: pytest.fail("allocated before checking"))
+    monkeypatch.setattr(adapter_io.peft, "add_adapter", lambda *a, **k: pytest.fail("allocated before checking"))
     with pytest.raises(ValueError, match=r"has shape \(4, 32\) in the file but \(60000, 32\)"):
         bv.load_adapter(TinyNet(), folder)
 
@@ -161,7 +161,7 @@ def test_adapter_weights_and_config_are_written_together(tmp_path, net, monkeypa
     def broken(*args, **kwargs):
         raise OSError("killed")
 
-    monkeypatch.setattr(adapter_io, "save_file", broken)
+    monkeypatch.setattr(adapter_io.peft, "save_file", broken)
     with pytest.raises(OSError):
         bv.save_adapter(model, folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before

@@ -42,12 +42,17 @@ from boftvision.integrations.diffusers import (
     image_grid,
     lr_scheduler_from_args,
     save_diffusers_lora,
+    save_lycoris_file,
+    save_single_file,
 )
 from boftvision.training import (
+    LYCORIS_FILE,
+    SINGLE_FILE,
     accelerator_from_args,
     adapter_config_from_args,
     add_adapter_arguments,
     add_diffusers_training_arguments,
+    add_export_arguments,
     claim_output_dir,
     describe_flags,
     diffusers_step_counts,
@@ -120,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report_to", default="none")
     add_adapter_arguments(p, allow_none=True, defaults={"boft_dropout": 0.1})
     add_diffusers_training_arguments(p)
+    add_export_arguments(p)
     args = describe_flags(p).parse_args(argv)
     if args.controlnet_model_name_or_path:
         p.error("--controlnet_model_name_or_path: this script trains an adapter on the UNet plus a light control "
@@ -260,8 +266,12 @@ def main(argv=None) -> dict:
         if args.validation_image:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
                 result["validation"].append(str(validate_at(run.step)))
-        if args.save_merged and args.adapter != "none":  # the UNet merged; control still needs the encoder
-            pipe.unet = unet.eval()
+        if args.export_format == "lycoris" and args.adapter != "none":  # for ComfyUI / AUTOMATIC1111 / kohya
+            save_lycoris_file(SimpleNamespace(unet=unet, text_encoder=None), out / LYCORIS_FILE)
+        pipe.unet = unet.eval()  # merged exports: the UNet; control signals still come from the encoder
+        if args.save_single_file and args.adapter != "none":
+            save_single_file(pipe, out / SINGLE_FILE)
+        if args.save_merged and args.adapter != "none":
             export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         save_loss_plot(out / "loss.png", run.losses)

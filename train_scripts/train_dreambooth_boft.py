@@ -51,12 +51,17 @@ from boftvision.integrations.diffusers import (
     load_pipeline,
     lr_scheduler_from_args,
     save_diffusers_lora,
+    save_lycoris_file,
+    save_single_file,
 )
 from boftvision.training import (
+    LYCORIS_FILE,
+    SINGLE_FILE,
     accelerator_from_args,
     adapter_config_from_args,
     add_adapter_arguments,
     add_diffusers_training_arguments,
+    add_export_arguments,
     claim_output_dir,
     describe_flags,
     diffusers_step_counts,
@@ -155,6 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--wandb_project_name", default="dreambooth-boft", help="W&B project (with --report_to wandb)")
     g.add_argument("--wandb_run_name", default=None, help="W&B run name (with --report_to wandb)")
     add_diffusers_training_arguments(p)
+    add_export_arguments(p)
     add_adapter_arguments(p, defaults={"boft_dropout": 0.1})
     args = describe_flags(p).parse_args(argv)
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
@@ -347,8 +353,13 @@ def main(argv=None) -> dict:
         if args.validation_prompt:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
                 result["validation"].append(str(validate_at(run.step)))
+        if args.export_format == "lycoris":  # one file for ComfyUI / AUTOMATIC1111 / kohya
+            save_lycoris_file(SimpleNamespace(unet=unet, text_encoder=text_encoder if args.train_text_encoder
+                                              else None), out / LYCORIS_FILE)
+        pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
+        if args.save_single_file:  # merged, original SD layout: AUTOMATIC1111 / ComfyUI checkpoints
+            save_single_file(pipe, out / SINGLE_FILE)
         if args.save_merged:  # a plain pipeline folder any diffusers user loads (adapters merged, removed)
-            pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
             export_merged(pipe, out / "merged")
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         save_loss_plot(out / "loss.png", run.losses)

@@ -28,6 +28,7 @@ class LayerShape:
     def __init__(self, layer: nn.Module, name: str):
         self.name = name
         self.is_conv = isinstance(layer, nn.Conv2d)
+        self.kernel_size = tuple(layer.kernel_size) if self.is_conv else ()
         self.transposed = is_conv1d(layer)
         if self.transposed:
             self.in_features, self.out_features = layer.weight.shape

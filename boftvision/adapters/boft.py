@@ -15,12 +15,24 @@ from torch import nn
 from ..config import BOFTConfig
 from ..ops.orthogonal import butterfly_span, cayley, collapse_butterfly, inverse_cayley, skew_from_square
 from .base import LayerShape
-from .orthogonal import OrthogonalAdapter, block_size_for_layer
+from .orthogonal import OrthogonalAdapter, block_size_for_layer, rotated_width
+
+
+def full_butterfly_factors(shape: LayerShape, config: BOFTConfig) -> int:
+    """m of the full butterfly on this layer, log2(N) + 1 (``n_butterfly_factor=0``, LyCORIS's BOFT):
+    R then mixes every rotated channel with every other. Needs N = width/b a power of two."""
+    b = block_size_for_layer(shape, config, 1)
+    n = rotated_width(shape, config) // b
+    if n & (n - 1):
+        raise ValueError(f"{shape.describe()}: the full butterfly (n_butterfly_factor=0) needs a power-of-two "
+                         f"number of blocks, but the width {n * b} / block size {b} = {n}; choose a block size "
+                         "that leaves a power of two, or give n_butterfly_factor explicitly")
+    return n.bit_length()
 
 
 class BOFT(OrthogonalAdapter):
     def __init__(self, shape: LayerShape, config: BOFTConfig, base: nn.Module):
-        m = config.n_butterfly_factor
+        m = config.n_butterfly_factor or full_butterfly_factors(shape, config)
         super().__init__(shape, config, m, block_size_for_layer(shape, config, m))
         b, n = self.block_size, self.block_num
         self.boft_R = nn.Parameter(torch.zeros(m, n, b, b))
@@ -40,8 +52,6 @@ class BOFT(OrthogonalAdapter):
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         return {"boft_R": self.boft_R, "boft_s": self.boft_s}
-
-
 
     def single_factor_blocks(self) -> torch.Tensor:
         """This adapter as ``boft_R`` of an equal BOFT with one factor and blocks b·2^(m−1) wide:
@@ -69,6 +79,9 @@ class BOFT(OrthogonalAdapter):
         m = config.n_butterfly_factor
         if m == 1:
             return config
+        if m == 0:
+            raise ValueError("the full butterfly (n_butterfly_factor=0) has a different m per layer, which PEFT's "
+                             "BOFT cannot hold: save it without peft_compatible, or export a merged model")
         return dataclasses.replace(config, n_butterfly_factor=1,
                                    block_size=config.block_size * 2 ** (m - 1) if config.block_size else 0,
                                    block_num=config.block_num // 2 ** (m - 1) if config.block_num else 0)

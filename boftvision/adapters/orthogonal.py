@@ -32,9 +32,14 @@ from ..ops.orthogonal import (
 from .base import Adapter, LayerShape, compute_dtype
 
 
+def rotated_width(shape: LayerShape, config: BOFTConfig | OFTConfig) -> int:
+    """The width R rotates: the layer's input width d, or its output width n (``orientation="output"``)."""
+    return shape.n if config.orientation == "output" else shape.d
+
+
 def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_factors: int) -> int:
-    """Resolve b for this layer and check (d, b, m); the error names the layer and values that work."""
-    d = shape.d
+    """Resolve b for this layer and check (width, b, m); the error names the layer and values that work."""
+    d = rotated_width(shape, config)
     if config.block_num:
         if d % config.block_num:
             good = [k for k in range(1, d + 1) if d % k == 0 and check_butterfly_shape(d, d // k, n_factors) is None]
@@ -50,7 +55,8 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
         hint = f"block_size={min(good, key=lambda k: abs(k - b))}" if good else "n_butterfly_factor=1"
         if b <= d and d % b == 0 and n_factors > max_butterfly_factors(d, b):
             hint += f" or n_butterfly_factor ≤ {max_butterfly_factors(d, b)}"
-        raise ValueError(f"{shape.describe()}: {problem}; try {hint}")
+        side = " (orientation='output' rotates the output width)" if config.orientation == "output" else ""
+        raise ValueError(f"{shape.describe()}: {problem}{side}; try {hint}")
     return b
 
 
@@ -68,7 +74,12 @@ COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they 
 
 
 class OrthogonalAdapter(Adapter):
-    """What OFT and BOFT share: blocks → (dropout, interpolation) → rotation on the cheaper side."""
+    """What OFT and BOFT share: blocks → (dropout, interpolation) → rotation on the cheaper side.
+
+    One code path for both orientations: the input side computes ``s ⊙ ((x R) W0ᵀ)`` (= ``W0 Rᵀ``), the
+    output side ``s ⊙ ((x W0ᵀ) Rᵀ)`` (= ``R W0``); either on the activations or on W0, whichever is
+    cheaper for the call (``choose_side``; "weight" means on W0, on whichever side of it R acts).
+    """
 
     rotation_side = "auto"  # "auto" | "input" | "weight" (tests and benchmarks pin a side)
     raw_axis = 1  # the block axis of the raw parameter (BOFT: (m, N, b, b); OFT: (N, b(b−1)/2) → 0)
@@ -76,7 +87,9 @@ class OrthogonalAdapter(Adapter):
     def __init__(self, shape: LayerShape, config, n_factors: int, block_size: int):
         super().__init__(shape, config)
         self.n_factors, self.block_size = n_factors, block_size
-        self.block_num = shape.d // block_size
+        self.output_side = config.orientation == "output"
+        self.width = rotated_width(shape, config)
+        self.block_num = self.width // block_size
         self.identity_factors = 0  # butterfly interpolation: leftmost components set to I
         self.reset_scale = False
         self.collapse = n_factors > 1 and butterfly_span(block_size, n_factors) <= COLLAPSE_SPAN
@@ -137,8 +150,8 @@ class OrthogonalAdapter(Adapter):
 
     def batch_key(self) -> tuple:
         """Adapters with equal keys get their rotations from one batched computation."""
-        return (type(self), id(self.config), self.block_size, self.n_factors, self.collapse, self.training,
-                self.identity_factors, self.raw().dtype, self.raw().device)
+        return (type(self), id(self.config), self.output_side, self.block_size, self.n_factors, self.collapse,
+                self.training, self.identity_factors, self.raw().dtype, self.raw().device)
 
     def rotation_operand(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled graph fuses the per-layer kernels itself
@@ -164,11 +177,12 @@ class OrthogonalAdapter(Adapter):
         if self.rotation_side != "auto":
             return self.rotation_side
         tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
+        width = self.width  # what an activation pass touches per token: the rotated side
         cost = PASS_COST.get(x.device.type, PASS_COST["cpu"])
         passes = cost if self.collapse else cost * (1 + 3 * (self.n_factors - 1))
         training = torch.is_grad_enabled() and self.raw().requires_grad
         sweeps = 3 if training else 1  # forward + two backward products
-        input_cost = tokens * d * passes * sweeps
+        input_cost = tokens * width * passes * sweeps
         weight_cost = n * d * passes * sweeps + (2 * tokens * n * d if training else 0)
         return "input" if input_cost < weight_cost else "weight"
 
@@ -180,8 +194,12 @@ class OrthogonalAdapter(Adapter):
         return butterfly_apply(x, operand.to(x.dtype), transpose=transpose)
 
     def rotated_weight(self, base: nn.Module, operand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``s ⊙ W0 Rᵀ`` (input side) or ``s ⊙ R W0`` (output side), W0 flattened to (n, d)."""
         weight = self.shape.weight(base).to(dtype)
-        weight = self.rotate(weight.reshape(weight.shape[0], -1), operand, transpose=True).reshape(weight.shape)
+        flat = weight.reshape(weight.shape[0], -1)
+        flat = self.rotate(flat.T, operand, transpose=True).T if self.output_side else \
+            self.rotate(flat, operand, transpose=True)
+        weight = flat.reshape(weight.shape)
         s = self.scale()
         if s is not None:
             weight = weight * s.reshape(-1, *[1] * (weight.dim() - 1)).to(dtype)
@@ -198,6 +216,8 @@ class OrthogonalAdapter(Adapter):
             if self.shape.is_conv:
                 return base._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
+        if self.output_side:
+            return self.rotate_outputs(base, x, operand)
         y = base(self.rotate(x, operand))  # PEFT's order: rotate, base layer, scale w/o bias
         s = self.scale()
         if s is None:
@@ -208,20 +228,36 @@ class OrthogonalAdapter(Adapter):
         bias = base.bias.to(y.dtype)
         return torch.addcmul(bias, y - bias, s)
 
+    def rotate_outputs(self, base: nn.Module, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+        """Output side on the activations: ``s ⊙ ((x W0ᵀ) Rᵀ) + bias`` (channels last for the rotation)."""
+        y = base(x)
+        conv = y.dim() > 2 and self.shape.is_conv
+        if conv:
+            y = y.movedim(1, -1)
+        bias = None if base.bias is None else base.bias.to(y.dtype)
+        z = self.rotate(y if bias is None else y - bias, operand, transpose=True)
+        s = self.scale()
+        if s is not None:
+            z = z * s.reshape(-1).to(z.dtype)
+        if bias is not None:
+            z = z + bias
+        return z.movedim(-1, 1) if conv else z
+
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        """W0 → s ⊙ W0 Rᵀ, never with dropout (whatever the mode)."""
+        """W0 → s ⊙ W0 Rᵀ (or s ⊙ R W0), never with dropout (whatever the mode)."""
         operand = self.operand(self.rotation_blocks(dropout=False))
         self.shape.write_weight(base, self.rotated_weight(base, operand, torch.float32))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
-        """The inverse of :meth:`merge` (R⁻ᵀ by block inverses, the scale divided out), in fp32."""
+        """The inverse of :meth:`merge` (R⁻ᵀ or R⁻¹ by block inverses, the scale divided out), in fp32."""
         weight = self.shape.weight(base).float()
         s = self.scale()
         if s is not None:
             weight = weight / s.reshape(-1, *[1] * (weight.dim() - 1)).float()
-        self.shape.write_weight(base, rotate_weight(weight, self.rotation_blocks(dropout=False), inverse=True))
+        self.shape.write_weight(base, rotate_weight(weight, self.rotation_blocks(dropout=False), inverse=True,
+                                                       output_side=self.output_side))
 
     def stored_parameters(self) -> int:
         """Effective count: b(b−1)/2 free entries per skew block, plus the output scale if any."""
@@ -283,7 +319,7 @@ def rotation_operands(group: list[OrthogonalAdapter]) -> list[torch.Tensor]:
     if len(group) == 1:
         return [operand]
     if first.collapse:  # (Σ d/span, span, span)
-        return list(operand.split([a.shape.d // operand.shape[-1] for a in group], dim=0))
+        return list(operand.split([a.width // operand.shape[-1] for a in group], dim=0))
     return list(operand.split([a.block_num for a in group], dim=1))  # (m, Σ N, b, b)
 
 

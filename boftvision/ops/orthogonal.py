@@ -6,6 +6,9 @@ Notation (the BOFT paper's): a layer has input width ``d``; the rotation ``R`` (
 ``b/2``-wide chunks of every segment of ``b·2^i`` features even-indexed first, then odd, exactly as
 PEFT's ``block_butterfly_perm`` does, so block ``j`` of factor ``i`` joins chunks ``j`` and ``j + 2^i``.
 
+With the output orientation (LyCORIS's) the same R, of size n, acts on a layer's n output channels
+instead: ``W' = R W0``; every function here is side-agnostic except :func:`rotate_weight`.
+
 No function here builds a dense d×d matrix: permutations are reshapes/transposes folded into one
 batched block product per factor.
 """
@@ -166,13 +169,17 @@ def collapse_butterfly(blocks: torch.Tensor) -> torch.Tensor:
     return rows.reshape(span, d // span, span).transpose(0, 1)
 
 
-def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Weight-side rotation of a (n, d, ...) weight flattened to (n, d'): ``W0 Rᵀ`` (or ``W R⁻ᵀ``).
+def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor, inverse: bool = False,
+                  output_side: bool = False) -> torch.Tensor:
+    """Rotate a (n, d, ...) weight, flattened to (n, d'), on one side.
 
-    With this, ``F.linear(x, W0 Rᵀ) == F.linear(x @ R, W0)``; Conv2d weights are flattened over
-    (in_channels, kh, kw), PyTorch's layout.
+    Input side (default): ``W0 Rᵀ`` (or ``W R⁻ᵀ``), so ``F.linear(x, W0 Rᵀ) == F.linear(x @ R, W0)``;
+    Conv2d weights are flattened over (in_channels, kh, kw), PyTorch's layout. Output side: ``R W0``
+    (or ``R⁻¹ W``), R of size n, acting on the output channels (LyCORIS's side): B_0 reaches W0 first.
     """
     flat = weight.reshape(weight.shape[0], -1)
+    if output_side:
+        return butterfly_apply(flat.T, blocks, transpose=True, inverse=inverse).T.reshape(weight.shape)
     return butterfly_apply(flat, blocks, transpose=True, inverse=inverse).reshape(weight.shape)
 
 

@@ -9,7 +9,7 @@ import math
 import warnings
 
 from ..adapters import METHODS
-from ..config import AdapterConfig
+from ..config import ORIENTATIONS, AdapterConfig
 
 # help of the flags many scripts share (diffusers' and transformers' names); a script's own flags carry
 # their help where they are defined
@@ -19,6 +19,10 @@ FLAG_HELP = {
     "max_nonfinite_steps": "consecutive steps with a NaN/inf loss or gradient tolerated (never applied) before "
                            "the run stops as diverged",
     "peft_compatible": "save BOFT with m ≥ 2 as the equal one-factor BOFT that stock PEFT loads everywhere",
+    "export_format": "also write output_dir/adapter_lycoris.safetensors, the LyCORIS/kohya file ComfyUI, "
+                     "AUTOMATIC1111 and kohya load (OFT/BOFT: with --orientation output)",
+    "save_single_file": "also write output_dir/model.safetensors: the merged pipeline as one original-layout "
+                        "Stable Diffusion checkpoint (AUTOMATIC1111, ComfyUI; any adapter)",
     "pretrained_model_name_or_path": "a diffusers pipeline folder or hub id (default: the embedded tiny pipeline)",
     "model_name_or_path": "a local model folder or hub id",
     "output_dir": "where checkpoints, adapters and results go (refused if it holds another run)",
@@ -98,6 +102,10 @@ def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: dict | None
             else:
                 g.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
                                help=f"{method.name}: {f.metadata['help']} (default: %(default)s)")
+    g.add_argument("--orientation", choices=list(ORIENTATIONS), default="input",
+                   help="oft/boft: the side of W0 the rotation acts on — input (the papers, PEFT) or output "
+                        "(LyCORIS: what --export_format lycoris writes for ComfyUI/AUTOMATIC1111/kohya) "
+                        "(default: %(default)s)")
     g.add_argument("--vblora_bank_lr", type=float, default=None, help="vblora: bank learning rate "
                    "(default: --learning_rate)")
     g.add_argument("--vblora_logits_lr", type=float, default=None, help="vblora: logits learning rate "
@@ -127,6 +135,11 @@ def adapter_config_from_args(args: argparse.Namespace, target_modules,
                          f"--{method.cli_prefix}_block_num ({values['block_num']}), not both")
     if values.get("block_num"):
         values["block_size"] = 0
+    orientation = getattr(args, "orientation", "input")
+    if "orientation" in {f.name for f in dataclasses.fields(method.config)}:
+        values["orientation"] = orientation
+    elif orientation != "input":
+        raise ValueError(f"--orientation {orientation} applies to --adapter oft/boft, not {args.adapter}")
     return method.config(target_modules=target_modules, base_model_name_or_path=base_model_name_or_path,
                          revision=getattr(args, "revision", None), **values)
 
@@ -185,11 +198,34 @@ def check_requirements(args: argparse.Namespace) -> None:
                              "none")
         if args.report_to != "all" and missing(package):
             raise SystemExit(f"--report_to {tracker} needs {package}: pip install {package} (or --report_to none)")
+    orientation, adapter = getattr(args, "orientation", "input"), getattr(args, "adapter", None)
+    if getattr(args, "export_format", "peft") == "lycoris":
+        if adapter in ("oft", "boft") and orientation != "output":
+            raise SystemExit(f"--export_format lycoris with --adapter {adapter} needs --orientation output (LyCORIS "
+                             "files rotate the output side); or keep the input side and use --save_single_file")
+        if adapter == "oft" and getattr(args, "oft_use_cayley_neumann", False):
+            raise SystemExit("--export_format lycoris with --adapter oft needs the exact Cayley transform: drop "
+                             "--oft_use_cayley_neumann")
+    if getattr(args, "peft_compatible", False) and orientation == "output":
+        raise SystemExit("--peft_compatible: PEFT's format holds the input orientation only; drop --orientation "
+                         "output, or use --export_format lycoris")
     if getattr(args, "push_to_hub", False):
         from huggingface_hub import get_token
 
         if not (args.hub_token or get_token()):
             raise SystemExit("--push_to_hub needs a hub token: huggingface-cli login, or --hub_token")
+
+
+LYCORIS_FILE = "adapter_lycoris.safetensors"  # --export_format lycoris
+SINGLE_FILE = "model.safetensors"  # --save_single_file
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """The diffusion scripts' export flags beyond the PEFT adapter folder: a LyCORIS file and a merged
+    single-file checkpoint (what ComfyUI, AUTOMATIC1111 and kohya load)."""
+    p.add_argument("--export_format", choices=["peft", "lycoris"], default="peft",
+                   help=FLAG_HELP["export_format"] + " (default: %(default)s: the PEFT folder only)")
+    p.add_argument("--save_single_file", action="store_true", help=FLAG_HELP["save_single_file"])
 
 
 def add_report_to_argument(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from ... import io as adapter_io
 from ...config import LoRAConfig
 from ...files import atomic_folder, check_model_location
 from ...inject import adapted_layers, adapter_configs, merge_and_unload, remove_adapter
+from ...io import lycoris
 from .control import control_signal
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -126,15 +127,60 @@ def recorded_base_model(adapter_dir: str | Path) -> str | None:
 
 
 def attach_adapters(pipe, adapter_dir: str | Path, name: str = "default") -> list[str]:
-    """Load DIR/unet (and DIR/text_encoder) into the pipeline's modules — or a diffusers/kohya LoRA file
-    (see :func:`load_diffusers_lora`); returns the parts loaded."""
+    """Load DIR/unet (and DIR/text_encoder) into the pipeline's modules — or a LyCORIS/kohya file
+    (``lora_unet_…``/``lora_te_…``: LoRA, OFT, BOFT; see :func:`load_lycoris_file`) or a diffusers LoRA
+    file (see :func:`load_diffusers_lora`); returns the parts loaded."""
     lora_file = diffusers_lora_file(adapter_dir)
     if lora_file is not None:
+        state = lycoris.read_lycoris(lora_file)
+        if lycoris.is_lycoris_state(state):
+            return load_lycoris_file(pipe, lora_file, name, state)
         return load_diffusers_lora(pipe, lora_file, name)
     parts = adapter_parts(adapter_dir)
     for part, folder in parts.items():
         adapter_io.load_adapter(getattr(pipe, part), folder, name=name)
     return list(parts)
+
+
+LYCORIS_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+
+def save_lycoris_file(pipe, path: str | Path, name: str | None = None) -> Path:
+    """One LyCORIS ``.safetensors`` with the pipeline's adapters (UNet as ``lora_unet_…``, text encoder as
+    ``lora_te_…``), the file ComfyUI, AUTOMATIC1111/Forge and kohya load (see :mod:`boftvision.io.lycoris`).
+    ``name``: the adapter to write (default: each part's active one)."""
+    parts = {}
+    for part, prefix in LYCORIS_PREFIXES.items():
+        model = getattr(pipe, part, None)
+        if model is not None and adapter_configs(model):
+            active = name or next(layer.active for _, layer in adapted_layers(model) if layer.active)
+            parts[prefix] = (model, active)
+    if not parts:
+        raise ValueError("the pipeline has no adapter to export")
+    names = {n for _, n in parts.values()}
+    if len(names) > 1:
+        raise ValueError(f"the UNet and text encoder have different active adapters {sorted(names)}; pass name=")
+    return lycoris.save_lycoris({prefix: model for prefix, (model, _) in parts.items()}, path, names.pop())
+
+
+def load_lycoris_file(pipe, path: str | Path, name: str = "default", state: dict | None = None) -> list[str]:
+    """Load a LyCORIS/kohya file's ``lora_unet`` and ``lora_te`` modules into the UNet and text encoder
+    (each part checked before any is changed: on an error the pipeline is left as it was)."""
+    state = lycoris.read_lycoris(path) if state is None else state
+    present = lycoris.file_prefixes(state)
+    unknown = present - set(LYCORIS_PREFIXES.values())
+    if unknown:
+        raise ValueError(f"{path} holds {sorted(unknown)} modules (an SDXL file?); this pipeline has a UNet "
+                         "(lora_unet) and one text encoder (lora_te)")
+    loaded = []
+    with ExitStack() as undo:
+        for part, prefix in LYCORIS_PREFIXES.items():
+            if prefix in present:
+                lycoris.load_lycoris(getattr(pipe, part), state, prefix, name, source=path)
+                undo.callback(remove_adapter, getattr(pipe, part), name)
+                loaded.append(part)
+        undo.pop_all()
+    return loaded
 
 
 def save_diffusers_lora(pipe, out_dir: str | Path) -> Path:

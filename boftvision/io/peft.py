@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import LayerShape, config_from_dict, method_of
-from .config import AdapterConfig
-from .files import atomic_folder
-from .inject import (
+from ..adapters import LayerShape, config_from_dict, method_of
+from ..config import AdapterConfig
+from ..files import atomic_folder
+from ..inject import (
     adapted_layers,
     adapter_configs,
     add_adapter,
@@ -55,18 +55,39 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                 allow_nonfinite: bool = False, peft_compatible: bool = False) -> Path:
+                 allow_nonfinite: bool = False, peft_compatible: bool = False, format: str = "peft",
+                 prefix: str | None = None) -> Path:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` together (a temporary
     sibling, then a rename); returns the dir. A NaN or inf in the adapter is refused (naming the first
     such tensor) unless ``allow_nonfinite``: such a file breaks every model it is loaded into.
+
+    ``format="lycoris"``: write one LyCORIS/kohya ``.safetensors`` (``path``) for ComfyUI, AUTOMATIC1111
+    and kohya instead, with the kohya ``prefix`` of this model (``lora_unet``, ``lora_te``); see
+    :mod:`boftvision.io.lycoris`.
 
     ``peft_compatible``: write the equal adapter every PEFT build loads. BOFT with m ≥ 2 factors becomes
     BOFT with one factor of b·2^(m−1)-wide blocks (stock PEFT drops to one factor when its CUDA
     extension does not build, so it cannot read m ≥ 2); other methods are written as they are.
     """
+    if format == "lycoris":
+        from .lycoris import PREFIXES, save_lycoris
+
+        if prefix is None:
+            raise ValueError(f"format='lycoris' needs prefix= (one of {PREFIXES}: lora_unet for a UNet, lora_te for "
+                             "a text encoder), the names ComfyUI/AUTOMATIC1111 look the modules up by")
+        if peft_compatible:
+            raise ValueError("peft_compatible applies to format='peft' only")
+        return save_lycoris({prefix: model}, path, name, allow_nonfinite)
+    if format != "peft":
+        raise ValueError(f"format={format!r}: use 'peft' (a PEFT adapter folder) or 'lycoris' (one kohya-named "
+                         ".safetensors file)")
     config = adapter_configs(model)[name] if name in adapter_configs(model) else None
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if peft_compatible:
+        if getattr(config, "orientation", "input") != "input":
+            raise ValueError(f"adapter {name!r} rotates the output side (orientation='output'), which PEFT's format "
+                             "cannot hold: save it without peft_compatible (boftvision reads it), as a LyCORIS file "
+                             "(format='lycoris', for ComfyUI/AUTOMATIC1111/kohya), or merged")
         for layer_name, layer in adapted_layers(model):
             if name in layer.adapters:
                 for key, tensor in layer.adapters[name].stock_peft_state().items():
@@ -162,8 +183,9 @@ def expected_file_tensors(model: nn.Module, config: AdapterConfig) -> dict[str, 
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                 is_trainable: bool = True) -> nn.Module:
-    """Add adapter ``name`` from a PEFT-layout directory and load its weights.
+                 is_trainable: bool = True, prefix: str | None = None) -> nn.Module:
+    """Add adapter ``name`` from a PEFT-layout directory and load its weights — or from a LyCORIS/kohya
+    ``.safetensors`` file (``prefix`` picks this model's modules in it, see :mod:`boftvision.io.lycoris`).
 
     Everything is checked before anything is allocated or changed (the model is left as it was on any
     error): the name exists already; a tensor that is not floating point or not finite; a key for a
@@ -171,6 +193,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     if name in adapter_configs(model):
         raise ValueError(f"adapter {name!r} is already loaded; use another name= or remove_adapter first")
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":
+        from .lycoris import load_lycoris
+
+        return load_lycoris(model, path, prefix, name, is_trainable)
     config, state = read_adapter(path)
     return load_adapter_state(model, config, state, name, is_trainable, source=path)
 
