@@ -51,6 +51,8 @@ OUR_CONFIGS = {
     "LoRA r=16": lambda t, w: bv.LoRAConfig(r=16, alpha=16, target_modules=t),
     "OFT b=16": lambda t, w: bv.OFTConfig(block_size=16, target_modules=t),
     "BOFT m=2 b=8": lambda t, w: bv.BOFTConfig(block_size=8, n_butterfly_factor=2, target_modules=t),
+    "BOFT m=2 b=8 output side": lambda t, w: bv.BOFTConfig(block_size=8, n_butterfly_factor=2, orientation="output",
+                                                           target_modules=t),
     "VB-LoRA": lambda t, w: bv.VBLoRAConfig(r=4, num_vectors=256, vector_length=min(256, w), target_modules=t),
 }
 

@@ -44,6 +44,9 @@ class BOFT(OrthogonalAdapter):
     def raw(self) -> torch.Tensor:
         return self.boft_R
 
+    def raw_shape(self) -> tuple[int, ...]:
+        return (self.n_factors, self.block_num, self.block_size, self.block_size)
+
     def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
         return cayley(skew_from_square(raw))
 

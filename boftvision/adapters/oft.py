@@ -32,6 +32,9 @@ class OFT(OrthogonalAdapter):
     def raw(self) -> torch.Tensor:
         return self.oft_R
 
+    def raw_shape(self) -> tuple[int, ...]:
+        return (self.block_num, self.block_size * (self.block_size - 1) // 2)
+
     def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
         q = skew_from_upper(raw.float(), self.block_size)
         if self.config.use_cayley_neumann:

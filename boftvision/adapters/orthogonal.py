@@ -99,6 +99,10 @@ class OrthogonalAdapter(Adapter):
         """The trainable tensor the blocks are computed from."""
         raise NotImplementedError
 
+    def raw_shape(self) -> tuple[int, ...]:  # pragma: no cover
+        """The shape of :meth:`raw` (whole, unsharded)."""
+        raise NotImplementedError
+
     def blocks_from_raw(self, raw: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """(m, N, b, b) fp32 orthogonal blocks; works on raw tensors of several layers concatenated
         along ``raw_axis``."""
@@ -323,6 +327,13 @@ def rotation_operands(group: list[OrthogonalAdapter]) -> list[torch.Tensor]:
     return list(operand.split([a.block_num for a in group], dim=1))  # (m, Σ N, b, b)
 
 
+def is_whole(adapter: OrthogonalAdapter) -> bool:
+    """The adapter's parameter is a plain tensor holding all of it here: not a DTensor (FSDP2's shards)
+    and not an FSDP1 flat-parameter view (its shape is the parameter's only while its unit is gathered)."""
+    raw = adapter.raw()
+    return type(raw) in (torch.Tensor, nn.Parameter) and tuple(raw.shape) == adapter.raw_shape()
+
+
 def share_rotations(adapters: list[OrthogonalAdapter]) -> None:
     """Compute the rotation operands of many adapters at once, per group of equal ``batch_key``, and
     keep them for the layers' calls until :func:`forget_rotations`.
@@ -331,12 +342,17 @@ def share_rotations(adapters: list[OrthogonalAdapter]) -> None:
     what a step of a large model spends with per-layer 8×8 solves is launch overhead. Each adapter
     checks the stored state key (parameter object and version, grad mode, train mode) when it is
     called and computes its own rotation when the key is stale.
+
+    Under sharding (FSDP) the model's forward starts before the units have gathered their parameters:
+    adapters whose parameter is not a plain full tensor then (a DTensor shard, an FSDP1 flat-parameter
+    view) are left to compute their rotation inside their own unit's forward, after the gather.
     """
     if torch.compiler.is_compiling():
         return
     groups = defaultdict(list)
     for adapter in adapters:
-        groups[adapter.batch_key()].append(adapter)
+        if is_whole(adapter):
+            groups[adapter.batch_key()].append(adapter)
     for group in groups.values():
         if len(group) < 2:
             continue
