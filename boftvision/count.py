@@ -36,6 +36,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     for _, layer in adapted_layers(model):
         for adapter in layer.adapters.values():
             adapter_params.update(id(p) for p in adapter.parameters())
+            adapter_params.update(id(t) for t in adapter.shared_state().values())
         if layer.active is None:
             continue
         adapter = layer.adapters[layer.active]

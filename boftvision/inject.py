@@ -18,7 +18,7 @@ from typing import Iterator
 from torch import nn
 
 from .adapters import AdaptedLayer, LayerShape, ModulesToSaveWrapper, method_of
-from .adapters.base import is_supported
+from .adapters.base import SHARED_NAME, SharedParameters, is_supported, shared_arguments
 from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rotations
 from .config import AdapterConfig
 
@@ -179,14 +179,15 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     merged = {layer.merged for _, layer in adapted_layers(model)} - {None}
     if merged:
         raise RuntimeError(f"adapter {sorted(merged)[0]!r} is merged; unmerge_adapter(model) before adding another")
+    check_not_wrapped(model)
     targets = find_targets(model, config)
     adapter_cls = method_of(config).adapter
-    shared = adapter_cls.shared_parameters(config, next(iter(targets.values())).weight.device)  # VB-LoRA's bank
+    shared = shared_arguments(adapter_cls, config, next(iter(targets.values())).weight.device)  # VB-LoRA's bank
     new = {}
     for layer_name, base in targets.items():
         adapter = adapter_cls(LayerShape(base, layer_name), config, base, **shared)
         adapter.train(base.training)  # a model in eval mode gets adapters in eval mode (no dropout)
-        new[layer_name] = adapter.to(device=base.weight.device)  # keeps Parameter objects (bank stays shared)
+        new[layer_name] = adapter.to(device=base.weight.device)
 
     if config.base_model_name_or_path is None:  # recorded in adapter_config.json, as PEFT does
         config.base_model_name_or_path = model_name_or_path(model)
@@ -204,6 +205,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
                 module = ModulesToSaveWrapper(module)
                 _replace(model, module_name, module)
             module.add_copy(name)
+        if shared:  # registered once, on the model (see SharedParameters)
+            if SHARED_NAME not in model._modules:
+                model.add_module(SHARED_NAME, nn.ModuleDict().train(model.training))
+            model._modules[SHARED_NAME][name] = shared["shared"].train(model.training)
         configs[name] = config
         for p in model.parameters():
             p.requires_grad_(False)
@@ -277,6 +282,36 @@ def set_adapter(model: nn.Module, name: str) -> None:
             adapter.requires_grad_(adapter_name == name)
     for _, wrapper in saved_module_wrappers(model):
         wrapper.set_active(name)
+    for adapter_name, holder in shared_parameters(model).items():
+        holder.requires_grad_(adapter_name == name)
+
+
+def shared_parameters(model: nn.Module) -> dict[str, SharedParameters]:
+    """Each adapter's parameters shared by all its layers (VB-LoRA's bank), by adapter name."""
+    return dict(model._modules.get(SHARED_NAME) or {})
+
+
+def _drop_shared(model: nn.Module, names) -> None:
+    holders = model._modules.get(SHARED_NAME)
+    for n in names:
+        if holders is not None and n in holders:
+            del holders[n]
+    if holders is not None and not len(holders):
+        del model._modules[SHARED_NAME]
+
+
+def check_not_wrapped(model: nn.Module) -> None:
+    """Adapters go in before FSDP/DDP wraps the model: wrapping flattens or shards the parameters the
+    targets are found by (and DDP would not synchronise parameters added after it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        FSDPModule = ()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, FSDPModule) or kind in ("FullyShardedDataParallel", "DistributedDataParallel"):
+            raise ValueError(f"the model is already wrapped ({kind} at {name or 'the root'}); add adapters to the "
+                             "plain model first, then wrap it with FSDP/DDP (accelerate.prepare does so)")
 
 
 @contextmanager
@@ -353,6 +388,7 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
             _replace(model, module_name, wrapper.original_module)
     for n in names:
         del configs[n]
+    _drop_shared(model, names)
     if not configs:
         _detach_rotation_hooks(model)
         _restore_requires_grad(model)
@@ -370,6 +406,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _replace(model, layer_name, layer.base_layer)
     for module_name, wrapper in list(saved_module_wrappers(model)):
         _replace(model, module_name, wrapper.active_module())
+    _drop_shared(model, list(adapter_configs(model)))
     adapter_configs(model).clear()
     _detach_rotation_hooks(model)
     _restore_requires_grad(model)

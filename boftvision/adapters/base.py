@@ -77,6 +77,28 @@ def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.T
     return base._conv_forward(x, weight, None)
 
 
+SHARED_NAME = "boftvision_shared"  # the adapted model's ModuleDict: adapter name → SharedParameters
+
+
+class SharedParameters(nn.Module):
+    """The parameters every layer of one adapter shares (VB-LoRA's bank), registered once, on the
+    adapted model itself (``model.boftvision_shared[name]``): a sharded model (FSDP) then holds each in
+    one unit, the outermost, gathered for the whole forward. Layers keep an unregistered reference and
+    read the parameter through it on every call, so they see whatever tensor the sharding put there."""
+
+    def __init__(self, parameters: dict[str, nn.Parameter]):
+        super().__init__()
+        for key, param in parameters.items():
+            self.register_parameter(key, param)
+
+
+def shared_arguments(adapter_cls, config, device=None) -> dict:
+    """The ``shared=`` constructor argument of one adapter's layers: its shared parameters in one
+    :class:`SharedParameters` (none for methods that share nothing)."""
+    params = adapter_cls.shared_parameters(config, device)
+    return {"shared": SharedParameters(params)} if params else {}
+
+
 class Adapter(nn.Module):
     """One method's trainable state for one base layer. Subclasses implement the math by calling
     ``boftvision.ops``; they never hold the base layer (the wrapper passes it in).
@@ -94,8 +116,9 @@ class Adapter(nn.Module):
         self.config = config
 
     @classmethod
-    def shared_parameters(cls, config, device=None) -> dict:
-        """Constructor arguments every layer of one adapter shares (made once per ``add_adapter``)."""
+    def shared_parameters(cls, config, device=None) -> dict[str, nn.Parameter]:
+        """Parameters every layer of one adapter shares, made once per ``add_adapter`` and handed to each
+        layer as a :class:`SharedParameters` (``shared=``)."""
         return {}
 
     def shared_state(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..ops.vector_bank import lora_factors, topk_compress, topk_expand
-from .base import AdditiveAdapter, LayerShape, conv_like
+from .base import AdditiveAdapter, LayerShape, SharedParameters, conv_like
 
 BANK_KEY = "base_model.vblora_vector_bank"  # PEFT's file key of the shared bank
 TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"  # suffixes of save_only_topk_weights files
@@ -30,7 +30,7 @@ class VBLoRA(AdditiveAdapter):
     initial ΔW is O(r·bound²) per entry.
     """
 
-    def __init__(self, shape: LayerShape, config: VBLoRAConfig, base: nn.Module, bank: nn.Parameter):
+    def __init__(self, shape: LayerShape, config: VBLoRAConfig, base: nn.Module, shared: SharedParameters):
         super().__init__(shape, config)
         length = config.vector_length
         for what, width in (("input width", shape.d), ("output width", shape.n)):
@@ -41,16 +41,20 @@ class VBLoRA(AdditiveAdapter):
                 raise ValueError(f"{shape.describe()}: vector_length {length} does not divide its {what} "
                                  f"{width}; use a vector_length dividing every targeted width (e.g. {near})")
         self.topk = config.topk
-        self.vblora_vector_bank = bank
+        object.__setattr__(self, "shared", shared)  # not a submodule: the bank is registered once, on the model
         self.vblora_logits_A = nn.Parameter(torch.randn(config.r, shape.d // length, config.num_vectors)
                                             * config.init_logits_std)
         self.vblora_logits_B = nn.Parameter(torch.randn(shape.n // length, config.r, config.num_vectors)
                                             * config.init_logits_std)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    @property
+    def vblora_vector_bank(self) -> nn.Parameter:
+        return self.shared.vblora_vector_bank
+
     @classmethod
-    def shared_parameters(cls, config: VBLoRAConfig, device=None) -> dict:
-        return {"bank": new_vector_bank(config, device)}
+    def shared_parameters(cls, config: VBLoRAConfig, device=None) -> dict[str, nn.Parameter]:
+        return {"vblora_vector_bank": new_vector_bank(config, device)}
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {BANK_KEY: self.vblora_vector_bank}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapters import LayerShape, config_from_dict, method_of
+from ..adapters.base import shared_arguments
 from ..config import AdapterConfig
 from ..files import atomic_folder
 from ..inject import (
@@ -29,7 +30,9 @@ from ..inject import (
     merge_and_unload,
     modules_to_save,
     saved_module_wrappers,
+    shared_parameters,
 )
+from ..sharding import barrier, clean_name, full_parameters, full_tensor, is_sharded, rank, unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -37,7 +40,9 @@ PREFIX = "base_model.model."
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (live tensors, not copies)."""
+    """The adapter's tensors under PEFT's key names (live tensors, not copies; under FSDP, shards — see
+    :func:`save_adapter`). Wrappers' levels (FSDP1, checkpointing) are not part of the names."""
+    model = unwrap(model)
     if name not in adapter_configs(model):
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(adapter_configs(model))}")
     state = {}
@@ -45,12 +50,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if name in layer.adapters:
             adapter = layer.adapters[name]
             for key, tensor in adapter.peft_state_dict().items():
-                state[f"{PREFIX}{layer_name}.{key}"] = tensor
+                state[f"{PREFIX}{clean_name(layer_name)}.{key}"] = tensor
             state.update(adapter.shared_state())  # e.g. VB-LoRA's bank, once per model
     for module_name, wrapper in saved_module_wrappers(model):
         if name in wrapper.modules_to_save:  # the adapter's own copy, under the original module's name
             for key, tensor in wrapper.modules_to_save[name].named_parameters():
-                state[f"{PREFIX}{module_name}.{key}"] = tensor
+                state[f"{PREFIX}{clean_name(module_name)}.{clean_name(key)}"] = tensor
     return state
 
 
@@ -81,8 +86,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if format != "peft":
         raise ValueError(f"format={format!r}: use 'peft' (a PEFT adapter folder) or 'lycoris' (one kohya-named "
                          ".safetensors file)")
+    sharded = is_sharded(model)
+    if sharded and peft_compatible:
+        raise ValueError("peft_compatible on a sharded model: save it as it is, load that into an unsharded model, "
+                         "and save that with peft_compatible=True")
+    with full_parameters(model):
+        state = {k: full_tensor(v) for k, v in adapter_state_dict(model, name).items()}
+    if not allow_nonfinite:  # on every process alike (the gathered tensors are equal)
+        for key, tensor in state.items():
+            bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                raise ValueError(f"not saving adapter {name!r}: {key} has {bad} non-finite values (the run "
+                                 "diverged?); pass allow_nonfinite=True to write it anyway")
+    if rank() != 0:  # process 0 writes (sharded: the others wait for it; DDP: they have nothing to add)
+        if sharded:
+            barrier()
+        return Path(path)
+    model = unwrap(model)
     config = adapter_configs(model)[name] if name in adapter_configs(model) else None
-    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if peft_compatible:
         if getattr(config, "orientation", "input") != "input":
             raise ValueError(f"adapter {name!r} rotates the output side (orientation='output'), which PEFT's format "
@@ -93,19 +114,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 for key, tensor in layer.adapters[name].stock_peft_state().items():
                     state[f"{PREFIX}{layer_name}.{key}"] = tensor.detach().contiguous().cpu()
         config = method_of(config).adapter.stock_peft_config(config)
-    if not allow_nonfinite:
-        for key, tensor in state.items():
-            bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
-            if bad:
-                raise ValueError(f"not saving adapter {name!r}: {key} has {bad} non-finite values (the run "
-                                 "diverged?); pass allow_nonfinite=True to write it anyway")
-    state = method_of(config).adapter.to_file(state, config)
-    data = config.to_dict()
-    if isinstance(data.get("target_modules"), list):
-        data["target_modules"] = sorted(data["target_modules"])
-    with atomic_folder(path, owns={WEIGHTS_NAME, CONFIG_NAME, "README.md"}) as tmp:  # weights + config together
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        state = method_of(config).adapter.to_file(state, config)
+        data = config.to_dict()
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = sorted(data["target_modules"])
+        with atomic_folder(path, owns={WEIGHTS_NAME, CONFIG_NAME, "README.md"}) as tmp:  # weights + config together
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    finally:
+        if sharded:
+            barrier()
     return Path(path)
 
 
@@ -170,7 +189,7 @@ def expected_file_tensors(model: nn.Module, config: AdapterConfig) -> dict[str, 
     adapter_cls = method_of(config).adapter
     state = {}
     with torch.device("meta"):
-        shared = adapter_cls.shared_parameters(config)
+        shared = shared_arguments(adapter_cls, config)
         for layer_name, base in targets.items():
             adapter = adapter_cls(LayerShape(base, layer_name), config, base, **shared)
             state.update({f"{PREFIX}{layer_name}.{k}": t for k, t in adapter.peft_state_dict().items()})
@@ -236,6 +255,9 @@ def load_adapter_state(model: nn.Module, config: AdapterConfig, state: dict[str,
             adapter.inference_only = inference_only
             if not is_trainable or inference_only:
                 adapter.requires_grad_(False)
+    if not is_trainable or inference_only:
+        for holder in [h for n, h in shared_parameters(model).items() if n == name]:
+            holder.requires_grad_(False)
     if not is_trainable:
         for _, wrapper in saved_module_wrappers(model):
             if name in wrapper.modules_to_save:

@@ -1,0 +1,148 @@
+"""Train every adapter for a few steps on a tiny Llama and a tiny UNet, wrapped the way users wrap
+them — FSDP2 (``fully_shard`` per block, then the model), FSDP1 (blocks auto-wrapped,
+``use_orig_params=True``) or DDP — over gloo, or in one process (``single``); save each adapter.
+
+    python tests/sharded_run.py --kinds fsdp2 fsdp1 ddp --out DIR [--port 29500]   # 2 processes
+    python tests/sharded_run.py --kinds single --out DIR
+
+Writes ``DIR/<kind>/<model>-<method>/`` (the adapter) and ``DIR/<kind>/losses.json``. Used by
+tests/test_sharding.py, which compares every sharded run with the single-process one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import boftvision as bv
+
+CONFIGS = {  # dropout off: runs are compared step by step
+    "lora": bv.LoRAConfig(r=4, init_weights=False),
+    "vblora": bv.VBLoRAConfig(r=2, vector_length=8, num_vectors=16, init_logits_std=1.0),
+    "oft": bv.OFTConfig(block_size=8, use_cayley_neumann=False, init_weights=False),
+    "boft": bv.BOFTConfig(block_size=4, n_butterfly_factor=2, init_weights=False),
+}
+STEPS, BATCH = 3, 4
+
+
+def build_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config), ["q_proj", "v_proj", "down_proj"]
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                                norm_num_groups=16, cross_attention_dim=32, attention_head_dim=8)
+    return unet, ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def blocks(model) -> list[torch.nn.Module]:
+    """The units users shard: decoder layers, UNet down/mid/up blocks."""
+    if hasattr(model, "down_blocks"):
+        return [*model.down_blocks, model.mid_block, *model.up_blocks]
+    return list(model.model.layers)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return {"ids": torch.randint(0, 64, (BATCH, 8), generator=g), "latents": torch.randn(BATCH, 4, 8, 8, generator=g),
+            "context": torch.randn(BATCH, 6, 32, generator=g), "noise": torch.randn(BATCH, 4, 8, 8, generator=g)}
+
+
+def loss_of(model_name: str, model, data, rows):
+    if model_name == "unet":
+        t = torch.full((rows.stop - rows.start,), 10)
+        out = model(data["latents"][rows], t, encoder_hidden_states=data["context"][rows]).sample
+        return torch.nn.functional.mse_loss(out, data["noise"][rows])
+    ids = data["ids"][rows]
+    return model(input_ids=ids, labels=ids).loss
+
+
+def wrap(model, kind: str):
+    if kind == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks(model):
+            fully_shard(block)
+        return fully_shard(model)
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy({type(b) for b in blocks(model)})
+        return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
+    losses = {}
+    data = batch()
+    share = BATCH // world
+    rows = slice(rank * share, (rank + 1) * share)
+    for model_name, build in (("llama", build_llama), ("unet", build_unet)):
+        for method, config in CONFIGS.items():
+            torch.manual_seed(0)
+            model, targets = build()
+            bv.add_adapter(model, dataclasses.replace(config, target_modules=targets))
+            model = wrap(model, kind)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+            run = []
+            for _ in range(STEPS):
+                loss = loss_of(model_name, model, data, rows)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                mean = loss.detach().clone()
+                if world > 1:
+                    dist.all_reduce(mean)
+                    mean /= world
+                run.append(mean.item())
+            losses[f"{model_name}-{method}"] = run
+            bv.save_adapter(model, out / kind / f"{model_name}-{method}")  # every process calls it
+    if rank == 0:
+        (out / kind / "losses.json").write_text(json.dumps(losses))
+    return losses
+
+
+def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # FSDP1 lists every frozen parameter next to trainable ones
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for kind in kinds:
+            train(kind, out, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--kinds", nargs="+", choices=["single", "fsdp2", "fsdp1", "ddp"], required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--port", type=int, default=29517)
+    args = p.parse_args()
+    if args.kinds == ["single"]:
+        train("single", args.out)
+    else:
+        torch.multiprocessing.spawn(worker, args=(2, args.kinds, args.out, args.port), nprocs=2)
+
+
+if __name__ == "__main__":
+    main()
