@@ -23,7 +23,9 @@ from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rota
 from .config import AdapterConfig
 
 CONFIGS_ATTR = "boftvision_configs"
-REQUIRES_GRAD_ATTR = "boftvision_requires_grad"  # the flags the model had before its first adapter
+# the flags the model's parameters had before its first adapter, by name (holding the parameters
+# themselves would keep a sharded model's full weights alive)
+REQUIRES_GRAD_ATTR = "boftvision_requires_grad"
 WRAPPERS = (AdaptedLayer, ModulesToSaveWrapper)
 
 
@@ -193,7 +195,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
         config.base_model_name_or_path = model_name_or_path(model)
     with all_or_nothing(model):
         if not configs:
-            model.__dict__[REQUIRES_GRAD_ATTR] = [(p, p.requires_grad) for p in model.parameters()]
+            model.__dict__[REQUIRES_GRAD_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
         for layer_name, adapter in new.items():
             wrapper = model.get_submodule(layer_name)
             if not isinstance(wrapper, AdaptedLayer):
@@ -357,8 +359,10 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def _restore_requires_grad(model: nn.Module) -> None:
-    for p, flag in model.__dict__.pop(REQUIRES_GRAD_ATTR, []):
-        p.requires_grad_(flag)
+    flags = model.__dict__.pop(REQUIRES_GRAD_ATTR, {})
+    for name, p in model.named_parameters():  # the adapters' wrappers are gone: the original names again
+        if name in flags:
+            p.requires_grad_(flags[name])
 
 
 def remove_adapter(model: nn.Module, name: str | None = None) -> nn.Module:

@@ -92,3 +92,14 @@ def test_adapters_go_in_before_wrapping(tmp_path):
             assert not bv.inject.adapter_configs(model)
     finally:
         dist.destroy_process_group()
+
+
+def test_shipped_accelerate_configs_parse():
+    """configs/accelerate/*.yaml read by accelerate's own loader (its FSDP launch needs GPUs: the
+    scripts under it are checked on a GPU machine, see docs/distributed.md)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.stem: load_config_from_file(str(p)) for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
+    assert set(configs) == {"ddp", "fsdp1", "fsdp2"}
+    assert configs["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert configs["fsdp1"].fsdp_config["fsdp_version"] == 1 and configs["fsdp1"].fsdp_config["fsdp_use_orig_params"]

@@ -148,8 +148,8 @@ def train(args) -> dict:
                 epoch += 1
     progress.close()
     result = {"steps": step, "losses": losses, **vars(bv.count_parameters(accelerator.unwrap_model(model)))}
+    bv.save_adapter(model, out / "adapter")  # every process: FSDP's shards are gathered, process 0 writes
     if accelerator.is_main_process:
-        bv.save_adapter(accelerator.unwrap_model(model), out / "adapter")
         write_text_atomic(out / "results.json", json.dumps(result, indent=2))
         save_loss_plot(out / "loss.png", losses)
         accelerator.print(f"wrote {out / 'adapter'}, {out / 'results.json'} and {out / 'loss.png'}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..adapters import METHODS
 from ..files import atomic_folder
+from ..sharding import is_sharded
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,6 +56,9 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
     """``folder/checkpoint-{step}/training_state.pt`` + ``state.json``: trainable parameters (by name),
     optimizer, scheduler, step, RNG. Written into a temporary sibling and renamed, so a kill never
     leaves a half-written ``checkpoint-{step}``. ``keep`` limits how many stay (oldest removed)."""
+    if is_sharded(model):
+        raise NotImplementedError("training checkpoints of an FSDP-sharded run are not written yet (each process "
+                                  "holds only shards): pass --checkpointing_steps 0, or train with DDP")
     path = Path(folder) / f"checkpoint-{step}"
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     bad = next((n for n, t in trainable.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
