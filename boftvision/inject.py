@@ -18,7 +18,7 @@ from typing import Iterator
 from torch import nn
 
 from .adapters import AdaptedLayer, LayerShape, ModulesToSaveWrapper, method_of
-from .adapters.base import SHARED_NAME, SharedParameters, is_supported, shared_arguments
+from .adapters.base import SharedParameters, is_supported, shared_arguments
 from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rotations
 from .config import AdapterConfig
 
@@ -26,6 +26,7 @@ CONFIGS_ATTR = "boftvision_configs"
 # the flags the model's parameters had before its first adapter, by name (holding the parameters
 # themselves would keep a sharded model's full weights alive)
 REQUIRES_GRAD_ATTR = "boftvision_requires_grad"
+SHARED_ATTR = "boftvision_shared"  # adapter name → SharedParameters
 WRAPPERS = (AdaptedLayer, ModulesToSaveWrapper)
 
 
@@ -57,6 +58,7 @@ def all_or_nothing(model: nn.Module):
     flags = [(p, p.requires_grad) for p in model.parameters()]
     configs = dict(adapter_configs(model))
     model_state = {k: model.__dict__[k] for k in (REQUIRES_GRAD_ATTR,) if k in model.__dict__}
+    root_parameters, shared = dict(model._parameters), dict(shared_parameters_of(model))
     try:
         yield
     except BaseException:
@@ -72,6 +74,10 @@ def all_or_nothing(model: nn.Module):
         adapter_configs(model).update(configs)
         model.__dict__.pop(REQUIRES_GRAD_ATTR, None)
         model.__dict__.update(model_state)
+        model._parameters.clear()
+        model._parameters.update(root_parameters)
+        shared_parameters_of(model).clear()
+        shared_parameters_of(model).update(shared)
         raise
 
 
@@ -184,7 +190,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     check_not_wrapped(model)
     targets = find_targets(model, config)
     adapter_cls = method_of(config).adapter
-    shared = shared_arguments(adapter_cls, config, next(iter(targets.values())).weight.device)  # VB-LoRA's bank
+    device = next(iter(targets.values())).weight.device
+    shared = shared_arguments(adapter_cls, config, model, name, device)  # VB-LoRA's bank
     new = {}
     for layer_name, base in targets.items():
         adapter = adapter_cls(LayerShape(base, layer_name), config, base, **shared)
@@ -208,9 +215,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
                 _replace(model, module_name, module)
             module.add_copy(name)
         if shared:  # registered once, on the model (see SharedParameters)
-            if SHARED_NAME not in model._modules:
-                model.add_module(SHARED_NAME, nn.ModuleDict().train(model.training))
-            model._modules[SHARED_NAME][name] = shared["shared"].train(model.training)
+            shared["shared"].register()
+            shared_parameters_of(model)[name] = shared["shared"]
         configs[name] = config
         for p in model.parameters():
             p.requires_grad_(False)
@@ -284,22 +290,21 @@ def set_adapter(model: nn.Module, name: str) -> None:
             adapter.requires_grad_(adapter_name == name)
     for _, wrapper in saved_module_wrappers(model):
         wrapper.set_active(name)
-    for adapter_name, holder in shared_parameters(model).items():
-        holder.requires_grad_(adapter_name == name)
+    for adapter_name, shared in shared_parameters_of(model).items():
+        for p in shared.parameters():
+            p.requires_grad_(adapter_name == name)
 
 
-def shared_parameters(model: nn.Module) -> dict[str, SharedParameters]:
+def shared_parameters_of(model: nn.Module) -> dict[str, SharedParameters]:
     """Each adapter's parameters shared by all its layers (VB-LoRA's bank), by adapter name."""
-    return dict(model._modules.get(SHARED_NAME) or {})
+    return model.__dict__.setdefault(SHARED_ATTR, {})
 
 
 def _drop_shared(model: nn.Module, names) -> None:
-    holders = model._modules.get(SHARED_NAME)
     for n in names:
-        if holders is not None and n in holders:
-            del holders[n]
-    if holders is not None and not len(holders):
-        del model._modules[SHARED_NAME]
+        shared = shared_parameters_of(model).pop(n, None)
+        if shared is not None:
+            shared.unregister()
 
 
 def check_not_wrapped(model: nn.Module) -> None:

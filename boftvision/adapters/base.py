@@ -77,26 +77,40 @@ def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.T
     return base._conv_forward(x, weight, None)
 
 
-SHARED_NAME = "boftvision_shared"  # the adapted model's ModuleDict: adapter name → SharedParameters
+SHARED_PREFIX = "boftvision_shared_"  # parameters every layer of one adapter shares, on the adapted model
 
 
-class SharedParameters(nn.Module):
-    """The parameters every layer of one adapter shares (VB-LoRA's bank), registered once, on the
-    adapted model itself (``model.boftvision_shared[name]``): a sharded model (FSDP) then holds each in
-    one unit, the outermost, gathered for the whole forward. Layers keep an unregistered reference and
-    read the parameter through it on every call, so they see whatever tensor the sharding put there."""
+class SharedParameters:
+    """The parameters every layer of one adapter shares (VB-LoRA's bank), registered once, directly on the
+    adapted model as ``boftvision_shared_<adapter>_<key>`` (not in a submodule: containers such as
+    ``nn.Sequential`` call every child). A sharded model (FSDP) then holds each in its outermost unit,
+    gathered for the whole forward. Layers read them through :meth:`get` on every call, so they see
+    whatever tensor the model holds under that name (sharding, ``load_state_dict(assign=True)``)."""
 
-    def __init__(self, parameters: dict[str, nn.Parameter]):
-        super().__init__()
-        for key, param in parameters.items():
-            self.register_parameter(key, param)
+    def __init__(self, owner: nn.Module, adapter_name: str, parameters: dict[str, nn.Parameter]):
+        self.owner, self.prefix = owner, f"{SHARED_PREFIX}{adapter_name.replace('.', '_')}_"
+        self.initial = parameters
+
+    def register(self) -> None:
+        for key, param in self.initial.items():
+            self.owner.register_parameter(self.prefix + key, param)
+
+    def unregister(self) -> None:
+        for key in self.initial:
+            self.owner._parameters.pop(self.prefix + key, None)
+
+    def get(self, key: str) -> nn.Parameter:
+        return getattr(self.owner, self.prefix + key)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.get(key) for key in self.initial]
 
 
-def shared_arguments(adapter_cls, config, device=None) -> dict:
-    """The ``shared=`` constructor argument of one adapter's layers: its shared parameters in one
-    :class:`SharedParameters` (none for methods that share nothing)."""
+def shared_arguments(adapter_cls, config, owner: nn.Module, adapter_name: str, device=None) -> dict:
+    """The ``shared=`` constructor argument of one adapter's layers: its shared parameters, to be
+    registered on ``owner`` (none for methods that share nothing)."""
     params = adapter_cls.shared_parameters(config, device)
-    return {"shared": SharedParameters(params)} if params else {}
+    return {"shared": SharedParameters(owner, adapter_name, params)} if params else {}
 
 
 class Adapter(nn.Module):

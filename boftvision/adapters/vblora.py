@@ -41,7 +41,7 @@ class VBLoRA(AdditiveAdapter):
                 raise ValueError(f"{shape.describe()}: vector_length {length} does not divide its {what} "
                                  f"{width}; use a vector_length dividing every targeted width (e.g. {near})")
         self.topk = config.topk
-        object.__setattr__(self, "shared", shared)  # not a submodule: the bank is registered once, on the model
+        self.shared = shared  # the bank is registered once, on the model (see SharedParameters)
         self.vblora_logits_A = nn.Parameter(torch.randn(config.r, shape.d // length, config.num_vectors)
                                             * config.init_logits_std)
         self.vblora_logits_B = nn.Parameter(torch.randn(shape.n // length, config.r, config.num_vectors)
@@ -50,7 +50,7 @@ class VBLoRA(AdditiveAdapter):
 
     @property
     def vblora_vector_bank(self) -> nn.Parameter:
-        return self.shared.vblora_vector_bank
+        return self.shared.get("vblora_vector_bank")
 
     @classmethod
     def shared_parameters(cls, config: VBLoRAConfig, device=None) -> dict[str, nn.Parameter]:

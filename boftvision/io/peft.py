@@ -30,7 +30,7 @@ from ..inject import (
     merge_and_unload,
     modules_to_save,
     saved_module_wrappers,
-    shared_parameters,
+    shared_parameters_of,
 )
 from ..sharding import barrier, clean_name, full_parameters, full_tensor, is_sharded, rank, unwrap
 
@@ -189,7 +189,9 @@ def expected_file_tensors(model: nn.Module, config: AdapterConfig) -> dict[str, 
     adapter_cls = method_of(config).adapter
     state = {}
     with torch.device("meta"):
-        shared = shared_arguments(adapter_cls, config)
+        shared = shared_arguments(adapter_cls, config, nn.Module(), "default")  # held by a throwaway module
+        for holder in shared.values():
+            holder.register()
         for layer_name, base in targets.items():
             adapter = adapter_cls(LayerShape(base, layer_name), config, base, **shared)
             state.update({f"{PREFIX}{layer_name}.{k}": t for k, t in adapter.peft_state_dict().items()})
@@ -256,8 +258,8 @@ def load_adapter_state(model: nn.Module, config: AdapterConfig, state: dict[str,
             if not is_trainable or inference_only:
                 adapter.requires_grad_(False)
     if not is_trainable or inference_only:
-        for holder in [h for n, h in shared_parameters(model).items() if n == name]:
-            holder.requires_grad_(False)
+        for p in shared_parameters_of(model)[name].parameters() if name in shared_parameters_of(model) else []:
+            p.requires_grad_(False)
     if not is_trainable:
         for _, wrapper in saved_module_wrappers(model):
             if name in wrapper.modules_to_save:
