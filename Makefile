@@ -39,7 +39,7 @@ demo: needs-setup
 		--boft_n_butterfly_factor 2 --learning_rate $(DB_LR) --max_train_steps $(DB_STEPS) \
 		--checkpointing_steps 100 --validation_prompt "a photo of sks shape" --validation_steps 100 \
 		--num_validation_images 4 --guidance_scale 4 --output_dir $(SKS) --resume_from_checkpoint latest
-	$(BIN)/python -m boftvision.generate --adapter $(SKS) --prompt "a photo of sks shape" --interpolate --guidance_scale 4 \
+	$(BIN)/python -m boftvision.generate --adapter_path $(SKS) --prompt "a photo of sks shape" --interpolate --guidance_scale 4 \
 		--out $(SKS)/interpolation.png
 
 # controllable generation on the embedded model: shape-position control, error vs base, grid

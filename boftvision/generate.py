@@ -1,6 +1,6 @@
 """Text-to-image with adapters, and the butterfly interpolation path as one PNG grid.
 
-    python -m boftvision.generate --adapter outputs/sks --prompt "a photo of sks shape" --seed 0 \
+    python -m boftvision.generate --adapter_path outputs/sks --prompt "a photo of sks shape" --seed 0 \
         --interpolate --out interpolation.png
 
 ``--model`` defaults to the embedded tiny pipeline. With ``--interpolate`` (a BOFT/OFT adapter) the grid
@@ -34,7 +34,7 @@ from .integrations.diffusers import (
     save_single_file,
 )
 from .interpolate import butterfly_interpolation, num_butterfly_components
-from .training import describe_flags, run_cli
+from .training import RENAMED, describe_flags, run_cli
 
 
 def adapted_parts(pipe) -> list[torch.nn.Module]:
@@ -148,9 +148,11 @@ def labelled_grid(path, cols: int | None = None):
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: the base model the "
+    p.add_argument("--pretrained_model_name_or_path", "--model", dest="model", action=RENAMED,
+                   default=None, help="diffusers pipeline folder or hub id (default: the base model the "
                    "adapter recorded, else the embedded tiny pipeline)")
-    p.add_argument("--adapter", help="train_dreambooth_boft.py's output_dir (unet/ [+ text_encoder/]), or a "
+    p.add_argument("--adapter_path", "--adapter", dest="adapter", action=RENAMED,
+                   help="train_dreambooth_boft.py's output_dir (unet/ [+ text_encoder/]), or a "
                                      "diffusers/kohya LoRA .safetensors file")
     p.add_argument("--prompt", help="what to draw (needed unless --export)")
     p.add_argument("--export", metavar="DIR", help="instead of images: write model + adapter merged as a "
@@ -161,7 +163,7 @@ def main(argv=None) -> Path:
                    "file (.safetensors) for ComfyUI/AUTOMATIC1111/kohya (LoRA, VB-LoRA; OFT/BOFT trained with "
                    "--orientation output)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--num_inference_steps", "--steps", dest="steps", action=RENAMED, type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--num_images", type=int, default=4, help="without --interpolate")
     p.add_argument("--interpolate", action="store_true",

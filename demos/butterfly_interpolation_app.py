@@ -5,11 +5,13 @@ many (0 = the fine-tuned model, m = every component identity, "base" = also the 
 and the gallery shows the whole path from the fine-tuned model to the base model. Every image starts
 from the same noise. Defaults: the embedded tiny pipeline and its bundled "sks shape" adapter.
 
-The page serves only the models and adapters the app was started with (repeat --model / --adapter to
-offer several): visitors pick them by folder name from a list, never type a path or a hub id, and
-errors reach them without server paths (the details go to the server's log).
+The page serves only the models and adapters the app was started with (repeat
+--pretrained_model_name_or_path / --adapter_path to offer several): visitors pick them by folder name
+from a list, never type a path or a hub id, and errors reach them without server paths (the details go
+to the server's log).
 
-    python demos/butterfly_interpolation_app.py [--model PATH ...] [--adapter DIR ...] [--port 7860]
+    python demos/butterfly_interpolation_app.py [--pretrained_model_name_or_path PATH ...] \
+        [--adapter_path DIR ...] [--port 7860]
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from PIL import Image
 
 from boftvision.generate import generate, interpolation_path, path_length, set_identity_components
 from boftvision.integrations.diffusers import EMBEDDED, EMBEDDED_ADAPTER, attach_adapters, load_pipeline
+from boftvision.training import RENAMED_APPEND
 
 log = logging.getLogger(__name__)
 _PIPELINES: dict[tuple[str, str], object] = {}  # (model, adapter) → pipeline, loaded once
@@ -121,15 +124,21 @@ def build(models: str | list[str] = str(EMBEDDED), adapters: str | list[str] = s
     return demo
 
 
-if __name__ == "__main__":
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", help="a diffusers folder or hub id; repeat to offer several "
-                                                          "(default: the embedded tiny pipeline)")
-    parser.add_argument("--adapter", action="append", help="an adapter folder; repeat to offer several "
-                                                            "(default: the bundled sks-shape adapter)")
+    parser.add_argument("--pretrained_model_name_or_path", "--model", dest="model", action=RENAMED_APPEND,
+                        help="a diffusers folder or hub id; repeat to offer several (default: the embedded tiny "
+                             "pipeline)")
+    parser.add_argument("--adapter_path", "--adapter", dest="adapter", action=RENAMED_APPEND,
+                        help="an adapter folder or LyCORIS file; repeat to offer several (default: the bundled "
+                             "sks-shape adapter)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="a public link: anyone with it can use this server")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
     logging.basicConfig(level=logging.INFO)
     build(args.model or [str(EMBEDDED)], args.adapter or [str(EMBEDDED_ADAPTER)]).launch(
         server_port=args.port, share=args.share, show_error=True)

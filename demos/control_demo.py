@@ -5,7 +5,7 @@ writes the interpolation grid: control image, then the fine-tuned model, compone
 one by one, and the base model — the object moves from where the control says to where the base
 model puts it.
 
-    python demos/control_demo.py --output_dir outputs/tiny-position [--steps 600]
+    python demos/control_demo.py --output_dir outputs/tiny-position [--max_train_steps 600]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from boftvision.data.controlnet import write_triplets
 from boftvision.data.shapes import control_example
 from boftvision.generate import control_features, interpolation_path, labelled_grid
 from boftvision.integrations.diffusers import attach_adapters, load_pipeline
-from boftvision.training import describe_flags, run_cli
+from boftvision.training import RENAMED, describe_flags, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
@@ -31,7 +31,7 @@ import train_controlnet_boft  # noqa: E402
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/tiny-position")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--max_train_steps", "--steps", dest="steps", action=RENAMED, type=int, default=600)
     p.add_argument("--train_examples", type=int, default=512, help="generated training triplets")
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ differ by a small random rotation-plus-noise; each method trains briefly. Prints
 and stored parameters, loss before/after, time per step, the merged-vs-unmerged output error, and
 checks that the saved adapter reloads (PEFT layout) to identical outputs.
 
-    python demos/core_demo.py [--steps 150] [--out outputs/core_demo]
+    python demos/core_demo.py [--max_train_steps 150] [--out outputs/core_demo]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import boftvision as bv
-from boftvision.training import describe_flags, run_cli
+from boftvision.training import RENAMED, describe_flags, run_cli
 
 
 class Backbone(nn.Module):
@@ -48,8 +48,8 @@ METHODS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max_train_steps", "--steps", dest="steps", action=RENAMED, type=int, default=150)
+    parser.add_argument("--learning_rate", "--lr", dest="lr", action=RENAMED, type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/core_demo")
     args = describe_flags(parser).parse_args()

@@ -14,7 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-from boftvision.training import describe_flags, run_cli
+from boftvision.training import RENAMED, describe_flags, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
@@ -68,7 +68,7 @@ RUNS = {  # label → adapter flags (all linear layers of the 6 encoder blocks)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--num_train_epochs", "--epochs", dest="epochs", action=RENAMED, type=int, default=6)
     p.add_argument("--train_size", type=int, default=600, help="generated training sentences")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="outputs/minilm")
@@ -86,8 +86,9 @@ def main(argv=None) -> list[dict]:
     dev = write_csv(negation_rows(300, 1), out / "data" / "dev.csv")
     reports = []
     for label in args.runs:
-        flags = ["--model_name_or_path", minilm_path(), "--train_file", str(train), "--validation_file", str(dev),
-                 "--epochs", str(args.epochs), "--train_batch_size", "32", "--max_length", "32",
+        flags = ["--pretrained_model_name_or_path", minilm_path(), "--train_file", str(train),
+                 "--validation_file", str(dev), "--num_train_epochs", str(args.epochs), "--train_batch_size", "32",
+                 "--max_length", "32",
                  "--learning_rate", "2e-3", "--seeds", *map(str, args.seeds),
                  "--output_dir", str(out / label.split()[0].lower().replace("-", "")), "--overwrite_output_dir",
                  *RUNS[label]]

@@ -217,3 +217,92 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
         run = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
         assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "no-" in run.stderr
+
+
+# One vocabulary: each concept has the diffusers/transformers spelling everywhere; older spellings still
+# parse (with a FutureWarning) but only as aliases of that spelling.
+VOCABULARY = {
+    "--pretrained_model_name_or_path": {"--model", "--model_name_or_path", "--base_model"},
+    "--adapter_path": {"--adapter_dir", "--run_dir", "--adapter_folder"},
+    "--num_inference_steps": {"--steps", "--inference_steps"},
+    "--train_batch_size": {"--batch_size"},
+    "--eval_batch_size": {"--batch_size"},
+    "--num_train_epochs": {"--epochs"},
+    "--dataloader_num_workers": {"--num_workers", "--num_dataloader_workers"},
+    "--max_train_steps": {"--train_steps", "--steps"},
+    "--output_dir": {"--out_dir", "--output_folder"},
+    "--learning_rate": {"--lr"},
+}
+# both are what users of one library type, for the same thing: accepted side by side, no warning
+SYNONYMS = {("--weight_decay", "--adam_weight_decay")}  # transformers' and diffusers' names
+ENTRY_POINTS = ["boftvision/generate.py",
+                *sorted(f"train_scripts/{p.name}" for p in (ROOT / "train_scripts").glob("*.py")),
+                *sorted(f"demos/{p.name}" for p in (ROOT / "demos").glob("*.py"))]
+
+
+def entry_point_parsers(monkeypatch) -> dict:
+    """Every entry point's ArgumentParser, caught as it starts parsing."""
+    import argparse
+    import importlib
+    import importlib.util
+    import inspect
+
+    class Caught(Exception):
+        pass
+
+    parsers = {}
+
+    def catch(self, args=None, namespace=None):
+        parsers[current] = self
+        raise Caught
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    for current in ENTRY_POINTS:
+        if current.startswith("boftvision/"):  # a package module: python -m boftvision.generate
+            module = importlib.import_module(current[:-3].replace("/", "."))
+        else:
+            spec = importlib.util.spec_from_file_location(Path(current).stem + "_cli", ROOT / current)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        entry = getattr(module, "parse_args", None) or module.main
+        try:
+            entry([]) if inspect.signature(entry).parameters else entry()
+        except Caught:
+            pass
+    return parsers
+
+
+def test_one_vocabulary_across_entry_points(monkeypatch):
+    from boftvision.adapters import METHODS
+    from boftvision.training import RENAMED, RENAMED_APPEND
+
+    parsers = entry_point_parsers(monkeypatch)
+    assert set(parsers) == set(ENTRY_POINTS)
+    old = {}  # old spelling → the flags it may stand for
+    for new, spellings in VOCABULARY.items():
+        for spelling in spellings:
+            old.setdefault(spelling, set()).add(new)
+    problems = []
+    for script, parser in parsers.items():
+        for action in parser._actions:
+            first, *others = [o for o in action.option_strings if o != "-h"] or [""]
+            if first in old:
+                problems.append(f"{script}: {first} (say {' or '.join(sorted(old[first]))})")
+            for spelling in others:
+                if spelling == f"--no-{first[2:]}" or (first, spelling) in SYNONYMS:  # a boolean's negative form
+                    continue
+                meant = {"--adapter_path"} if spelling == "--adapter" else old.get(spelling, set())  # --adapter DIR
+                if first not in meant or not isinstance(action, (RENAMED, RENAMED_APPEND)):
+                    problems.append(f"{script}: {spelling} is not a deprecated alias of its concept's flag")
+            if first == "--adapter" and not set(action.choices or []) >= set(METHODS):
+                problems.append(f"{script}: --adapter names a method; a folder to load is --adapter_path")
+    assert not problems, problems
+
+
+def test_old_spellings_still_work_with_a_warning():
+    from boftvision import generate
+
+    with pytest.warns(FutureWarning, match="--steps is deprecated; use --num_inference_steps"):
+        with pytest.raises(SystemExit):  # parsed, then refused for the missing --prompt
+            generate.main(["--steps", "3"])

@@ -1,7 +1,7 @@
 """Control error of a trained control encoder + adapter: generate one image per test triplet under its
 control signal and measure how far the image is from what the control asks.
 
-    python train_scripts/eval_control.py --adapter outputs/control --data_dir test-triplets \
+    python train_scripts/eval_control.py --adapter_path outputs/control --data_dir test-triplets \
         --control_type mask --compare_base --out outputs/control/control_error.json
 
 Control types:
@@ -31,7 +31,7 @@ from boftvision.generate import control_features, generate
 from boftvision.inject import disable_adapter
 from boftvision.integrations.diffusers import EMBEDDED, adapter_parts, attach_adapters, load_pipeline
 from boftvision.metrics.control import face_alignment_detector, landmark_error, mask_iou_error
-from boftvision.training import describe_flags, run_cli
+from boftvision.training import RENAMED, describe_flags, run_cli
 
 
 def object_mask(image: Image.Image, threshold: float = 60.0) -> np.ndarray:
@@ -66,15 +66,17 @@ def evaluate(pipe, adapter_dir, rows, control_type: str, seed: int, steps: int, 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(EMBEDDED), help="the base pipeline (folder or hub id)")
-    p.add_argument("--adapter", required=True, help="output_dir of train_controlnet_boft.py")
+    p.add_argument("--pretrained_model_name_or_path", "--model", dest="model", action=RENAMED,
+                   default=str(EMBEDDED), help="the base pipeline (folder or hub id)")
+    p.add_argument("--adapter_path", "--adapter", dest="adapter", action=RENAMED,
+                   required=True, help="output_dir of train_controlnet_boft.py")
     p.add_argument("--data_dir", required=True, help="test triplets: folder with metadata.jsonl")
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let metadata.jsonl name files outside --data_dir (absolute or ../ paths)")
     p.add_argument("--control_type", choices=["mask", "landmarks"], default="mask",
                    help="what to measure: mask (IoU error) or landmarks (face alignment)")
     p.add_argument("--num_images", type=int, default=None, help="first N triplets (default: all)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--num_inference_steps", "--steps", dest="steps", action=RENAMED, type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare_base", action="store_true", help="also measure the base model without the adapter")

@@ -1,7 +1,7 @@
 """Evaluate SAM (optionally with a decoder adapter) on HQSeg-44K's evaluation sets with box prompts.
 
     python train_scripts/eval_hqseg.py --data_root data --model_type vit_h \
-        --checkpoint sam_vit_h_4b8939.pth --adapter_dir outputs/hqseg/adapter
+        --checkpoint sam_vit_h_4b8939.pth --adapter_path outputs/hqseg/adapter
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import boftvision as bv
 from boftvision.data.hqseg import EVAL_SETS, HQSegDataset
 from boftvision.integrations.sam import build_sam, embedding_cache, evaluate_sets, load_sam, scores_table
-from boftvision.training import describe_flags, run_cli
+from boftvision.training import RENAMED, describe_flags, run_cli
 
 
 def main(argv=None) -> dict:
@@ -24,7 +24,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model_type", default="vit_h", help="SAM size: vit_b, vit_l or vit_h")
     p.add_argument("--checkpoint", default=None, help="SAM checkpoint (.pth)")
     p.add_argument("--sam_config", default=None, help="a JSON SAM config (tiny test models) instead of --model_type")
-    p.add_argument("--adapter_dir", default=None, help="omit to evaluate the frozen decoder")
+    p.add_argument("--adapter_path", "--adapter_dir", dest="adapter_dir", action=RENAMED,
+                   default=None, help="omit to evaluate the frozen decoder")
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = describe_flags(p).parse_args(argv)

@@ -1,7 +1,7 @@
 """Evaluate a saved VTAB run (adapter/ + head.safetensors) on a task's split; prints top-1.
 
-    python train_scripts/eval_vtab.py --model_name_or_path facebook/dinov2-large \
-        --run_dir outputs/vtab/cifar/seed0 --data_root /data/vtab-1k
+    python train_scripts/eval_vtab.py --pretrained_model_name_or_path facebook/dinov2-large \
+        --adapter_path outputs/vtab/cifar/seed0 --data_root /data/vtab-1k
 """
 from __future__ import annotations
 
@@ -16,18 +16,21 @@ import boftvision as bv
 from boftvision.data.vtab import VTABDataset
 from boftvision.integrations.dinov2 import Dinov2Classifier, load_backbone
 from boftvision.metrics.classification import top1_accuracy
-from boftvision.training import describe_flags, run_cli
+from boftvision.training import RENAMED, describe_flags, run_cli
 
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=None, help="the backbone (default: the one the run recorded)")
+    p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
+                   dest="model_name_or_path",
+                   default=None, help="the backbone (default: the one the run recorded)")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default=None,
                    help="transformers or timm (default: the run's)")
     p.add_argument("--timm_checkpoint", default=None)
     p.add_argument("--timm_kwargs", type=json.loads, default=None,
                    help='JSON of timm.create_model overrides for the backbone, e.g. \'{"drop_path_rate": 0.1}\'')
-    p.add_argument("--run_dir", required=True, help="a train_vtab_boft.py run folder (<output_dir>/<task>/seed<N>)")
+    p.add_argument("--adapter_path", "--run_dir", dest="run_dir", action=RENAMED,
+                   required=True, help="a train_vtab_boft.py run folder (<output_dir>/<task>/seed<N>)")
     p.add_argument("--data_root", required=True)
     p.add_argument("--allow_paths_outside_data_dir", action="store_true",
                    help="let the dataset's listing name files outside its folder (absolute or ../ paths)")
@@ -36,11 +39,11 @@ def main(argv=None) -> float:
     p.add_argument("--num_classes", type=int, default=None,
                    help="classes of a task outside the 19 (default: read from the run)")
     p.add_argument("--image_size", type=int, default=None, help="input resolution (default: the run's)")
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--eval_batch_size", "--batch_size", dest="batch_size", action=RENAMED, type=int, default=128)
     args = describe_flags(p).parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "result.json").is_file():
-        p.error(f"--run_dir {run_dir}: no result.json; give a train_vtab_boft.py run folder "
+        p.error(f"--adapter_path {run_dir}: no result.json; give a train_vtab_boft.py run folder "
                 "(<output_dir>/<task>/seed<N>)")
     recorded = json.loads((run_dir / "result.json").read_text())
     for key, value in {**recorded.get("backbone", {}), "image_size": recorded.get("image_size"),

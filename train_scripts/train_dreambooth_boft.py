@@ -56,6 +56,7 @@ from boftvision.integrations.diffusers import (
 )
 from boftvision.training import (
     LYCORIS_FILE,
+    RENAMED,
     SINGLE_FILE,
     accelerator_from_args,
     adapter_config_from_args,
@@ -125,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite_output_dir", action="store_true")
     p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, … (accelerate trackers)")
-    p.add_argument("--dataloader_num_workers", "--num_dataloader_workers", dest="dataloader_num_workers", type=int,
+    p.add_argument("--dataloader_num_workers", "--num_dataloader_workers", action=RENAMED, type=int,
                    default=0, help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--peft_compatible", action="store_true")
     p.add_argument("--save_merged", action="store_true",

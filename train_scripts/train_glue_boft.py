@@ -1,8 +1,8 @@
 """Sequence classification (GLUE-style) with an adapter on a transformers encoder.
 
-    accelerate launch train_scripts/train_glue_boft.py --model_name_or_path microsoft/deberta-v3-base \
+    accelerate launch train_scripts/train_glue_boft.py --pretrained_model_name_or_path microsoft/deberta-v3-base \
         --task_name cola --adapter boft --boft_block_size 8 --boft_n_butterfly_factor 2 --seeds 0 1 2
-    python train_scripts/train_glue_boft.py --model_name_or_path PATH --train_file train.csv \
+    python train_scripts/train_glue_boft.py --pretrained_model_name_or_path PATH --train_file train.csv \
         --validation_file dev.csv --text_columns sentence --label_column label --num_labels 2
 
 Metrics per task (accuracy, F1, Matthews for CoLA, Pearson/Spearman for STS-B); several seeds, the
@@ -26,6 +26,7 @@ from boftvision.files import check_model_location, write_text_atomic
 from boftvision.integrations.language import SEQ_CLS_HEADS, add_task_adapter
 from boftvision.metrics.classification import glue_metrics
 from boftvision.training import (
+    RENAMED,
     EpochBatches,
     StopSignals,
     adapter_config_from_args,
@@ -48,7 +49,9 @@ from boftvision.training import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
+                   dest="model_name_or_path",
+                   required=True)
     p.add_argument("--task_name", choices=sorted(GLUE_TASKS), default=None,
                    help="a GLUE task name (datasets' glue config, needs the hub)")
     p.add_argument("--train_file", default=None, help="CSV/TSV/JSONL training file (instead of --task_name)")
@@ -60,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_labels", type=int, default=2, help="1 = regression")
     p.add_argument("--targets", default="all_linear", choices=["attention", "all_linear", "all_linear_but_head"])
     p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--num_train_epochs", "--epochs", dest="epochs", action=RENAMED, type=int, default=10)
     p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=5e-4)
@@ -99,7 +102,7 @@ def load_data(args):
 def build_model(args):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    check_model_location(args.model_name_or_path, "--model_name_or_path")
+    check_model_location(args.model_name_or_path, "--pretrained_model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=args.num_labels)
     if model.config.pad_token_id is None:

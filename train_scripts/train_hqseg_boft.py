@@ -39,6 +39,7 @@ from boftvision.integrations.sam import (
     segmentation_loss,
 )
 from boftvision.training import (
+    RENAMED,
     StopSignals,
     adapter_config_from_args,
     add_adapter_arguments,
@@ -71,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random_init", action="store_true",
                    help="train on a randomly initialised SAM when no --checkpoint is given (tests, experiments)")
     p.add_argument("--targets", choices=sorted(PRESETS), default="decoder_all_linear")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch_size", type=int, default=4, help="images per optimizer step")
+    p.add_argument("--num_train_epochs", "--epochs", dest="epochs", action=RENAMED, type=int, default=10)
+    p.add_argument("--train_batch_size", "--batch_size", dest="batch_size", action=RENAMED,
+                   type=int, default=4, help="images per optimizer step")
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--warmup_ratio", type=float, default=0.0)

@@ -1,10 +1,10 @@
 """Causal-LM instruction tuning with an adapter: JSONL of {"prompt": …, "response": …}, loss on the
 response tokens only.
 
-    accelerate launch train_scripts/train_lm_boft.py --model_name_or_path meta-llama/Llama-2-7b-hf \
+    accelerate launch train_scripts/train_lm_boft.py --pretrained_model_name_or_path meta-llama/Llama-2-7b-hf \
         --train_file alpaca.jsonl --adapter boft --boft_block_size 8 --boft_n_butterfly_factor 2 \
         --mixed_precision bf16 --gradient_checkpointing --output_dir outputs/llama-boft
-    python train_scripts/train_lm_boft.py generate --model_name_or_path PATH --adapter_dir DIR --prompt "…"
+    python train_scripts/train_lm_boft.py generate --pretrained_model_name_or_path PATH --adapter_path DIR --prompt "…"
 
 ``--load_in_4bit`` loads the base with bitsandbytes (QLoRA-style, as the VB-LoRA paper did) when it is
 installed; adapters stay fp32. Checkpoints every ``--checkpointing_steps``; ``--resume_from_checkpoint``.
@@ -26,6 +26,7 @@ from boftvision.data.text import read_rows
 from boftvision.files import check_model_location, write_text_atomic
 from boftvision.integrations.language import add_task_adapter
 from boftvision.training import (
+    RENAMED,
     EpochBatches,
     StopSignals,
     adapter_config_from_args,
@@ -73,7 +74,7 @@ def pad_batch(batch: list[dict], pad_id: int) -> dict:
 def load_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_model_location(args.model_name_or_path, "--model_name_or_path")
+    check_model_location(args.model_name_or_path, "--pretrained_model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -175,7 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=["train", "generate"], default="train",
                    help="train, or generate with a saved adapter")
-    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
+                   dest="model_name_or_path",
+                   required=True)
     p.add_argument("--train_file", help="JSONL/CSV with prompt and response columns")
     p.add_argument("--prompt_column", default="prompt",
                    help="JSONL/CSV key of the prompt")
@@ -183,7 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSONL/CSV key of the response (the only tokens in the loss)")
     p.add_argument("--targets", default="all_linear", choices=["attention", "all_linear", "all_linear_but_head"])
     p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--num_train_epochs", "--epochs", dest="epochs", action=RENAMED, type=int, default=3)
     p.add_argument("--max_train_steps", type=int, default=None)
     p.add_argument("--train_batch_size", type=int, default=4)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -200,7 +203,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
     p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--adapter_dir", help="generate: the saved adapter")
+    p.add_argument("--adapter_path", "--adapter_dir", dest="adapter_dir", action=RENAMED,
+                   help="generate: the saved adapter")
     p.add_argument("--prompt", help="generate: the prompt")
     p.add_argument("--max_new_tokens", type=int, default=64, help="generate: tokens to generate")
     p.add_argument("--merge", action="store_true", help="generate: merge the adapter first")
@@ -209,7 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.command == "train" and not args.train_file:
         p.error("train needs --train_file")
     if args.command == "generate" and not (args.adapter_dir and args.prompt):
-        p.error("generate needs --adapter_dir and --prompt")
+        p.error("generate needs --adapter_path and --prompt")
     return args
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from boftvision.data.shapes import COLOURS, SHAPES, WORDS, base_example
 from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import TINY, image_grid, pipeline_from_components, tiny_components
-from boftvision.training import claim_output_dir, cosine_with_warmup, describe_flags, run_cli, seed_everything
+from boftvision.training import RENAMED, claim_output_dir, cosine_with_warmup, describe_flags, run_cli, seed_everything
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_steps", type=int, default=300, help="VAE training steps")
     p.add_argument("--vae_batch_size", type=int, default=16, help="VAE batch size")
     p.add_argument("--unet_steps", type=int, default=2000, help="UNet training steps")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--train_batch_size", "--batch_size", dest="batch_size", action=RENAMED, type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     return describe_flags(p).parse_args(argv)

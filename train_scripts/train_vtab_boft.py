@@ -1,7 +1,7 @@
 """Fine-tune DINOv2 with an adapter on VTAB-1K tasks (one, several or all 19) and report top-1.
 
     accelerate launch train_scripts/train_vtab_boft.py --data_root /data/vtab-1k --tasks all \
-        --model_name_or_path facebook/dinov2-large --adapter boft --boft_block_size 8 \
+        --pretrained_model_name_or_path facebook/dinov2-large --adapter boft --boft_block_size 8 \
         --boft_n_butterfly_factor 2 --seeds 0 1 2 --output_dir outputs/vtab
 
 The BOFT paper's recipe is the default: all linear layers of attention and MLP, 30 epochs, batch 64,
@@ -30,6 +30,7 @@ from boftvision.files import write_text_atomic
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
 from boftvision.training import (
+    RENAMED,
     EpochBatches,
     StopSignals,
     adapter_config_from_args,
@@ -52,7 +53,9 @@ from boftvision.training import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default="facebook/dinov2-large")
+    p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
+                   dest="model_name_or_path",
+                   default="facebook/dinov2-large")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
     p.add_argument("--timm_checkpoint", default=None)
     p.add_argument("--timm_kwargs", type=json.loads, default=None,
@@ -63,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=["all"], help="VTAB-1K task folders to run, or 'all' (the 19 tasks)")
     p.add_argument("--num_classes", type=int, default=None, help="for task folders outside the 19")
     p.add_argument("--targets", choices=sorted(PRESETS), default="all_linear")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--num_train_epochs", "--epochs", dest="epochs", action=RENAMED, type=int, default=30)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=1e-3)
@@ -74,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_ratio", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--dataloader_num_workers", "--num_workers", dest="num_workers", action=RENAMED,
+                   type=int, default=2)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--output_dir", default="outputs/vtab")
     p.add_argument("--overwrite_output_dir", action="store_true")

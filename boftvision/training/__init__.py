@@ -4,6 +4,8 @@ step loop, resumable epochs, signals and divergence)."""
 from .arguments import (
     FLAG_HELP,
     LYCORIS_FILE,
+    RENAMED,
+    RENAMED_APPEND,
     SINGLE_FILE,
     TRACKER_PACKAGES,
     adapter_config_from_args,
@@ -47,8 +49,8 @@ from .loop import (
 )
 
 __all__ = [
-    "FLAG_HELP", "LYCORIS_FILE", "SINGLE_FILE", "TRACKER_PACKAGES", "adapter_config_from_args",
-    "add_adapter_arguments", "add_export_arguments",
+    "FLAG_HELP", "LYCORIS_FILE", "RENAMED", "RENAMED_APPEND", "SINGLE_FILE", "TRACKER_PACKAGES",
+    "adapter_config_from_args", "add_adapter_arguments", "add_export_arguments",
     "add_diffusers_training_arguments", "add_report_to_argument", "check_requirements", "describe_flags",
     "diffusers_step_counts", "run_cli", "SAFE_TO_CHANGE", "SECRETS", "TrainingDiverged", "check_resume_settings",
     "checkpoint_problem", "claim_output_dir", "list_checkpoints", "load_checkpoint", "resolve_checkpoint",

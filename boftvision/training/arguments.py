@@ -71,6 +71,25 @@ FLAG_HELP = {
 }
 
 
+def _renamed(base: type[argparse.Action]) -> type[argparse.Action]:
+    class Renamed(base):
+        """A flag whose first spelling is current; the others still work, with a FutureWarning."""
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            if option_string and option_string != self.option_strings[0]:
+                warnings.warn(f"{option_string} is deprecated; use {self.option_strings[0]}", FutureWarning,
+                              stacklevel=2)
+            super().__call__(parser, namespace, values, option_string)
+
+    return Renamed
+
+
+# action= for a flag given with its current name first and older spellings after it, e.g.
+# add_argument("--num_inference_steps", "--steps", action=RENAMED, dest="steps", ...)
+RENAMED = _renamed(argparse._StoreAction)
+RENAMED_APPEND = _renamed(argparse._AppendAction)
+
+
 def describe_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Give every flag of ``parser`` without help its shared help text (:data:`FLAG_HELP`), with the
     default shown."""
