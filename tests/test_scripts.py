@@ -16,7 +16,7 @@ def run(*args, cwd=ROOT):
 
 
 def test_core_demo_trains_every_method_and_reloads(tmp_path):
-    out = run("demos/core_demo.py", "--steps", "25", "--out", str(tmp_path))
+    out = run("demos/core_demo.py", "--max_train_steps", "25", "--output_dir", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"].split()[0] for r in rows] == ["LoRA", "VB-LoRA", "OFT", "BOFT", "BOFT"]
     for r in rows:
