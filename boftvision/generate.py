@@ -170,7 +170,7 @@ def main(argv=None) -> Path:
                    help="a grid of the butterfly interpolation path instead of samples")
     p.add_argument("--control", help="control image (needs an --adapter dir from train_controlnet_boft.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="generated.png")
+    p.add_argument("--out", default="generated.png", help="the PNG file to write (default: %(default)s)")
     args = describe_flags(p).parse_args(argv)
     exports = [flag for flag in ("export", "export_single_file", "export_lycoris") if getattr(args, flag)]
     if exports and not args.adapter:

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare_base", action="store_true", help="also measure the base model without the adapter")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="a JSON file for the scores (default: printed only)")
     args = describe_flags(p).parse_args(argv)
     rows = read_metadata(args.data_dir, allow_outside=args.allow_paths_outside_data_dir)[:args.num_images]
     detect = face_alignment_detector(args.device) if args.control_type == "landmarks" else None
