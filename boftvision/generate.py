@@ -38,7 +38,8 @@ from .training import RENAMED, describe_flags, run_cli
 
 
 def adapted_parts(pipe) -> list[torch.nn.Module]:
-    return [m for m in (pipe.unet, pipe.text_encoder) if adapter_configs(m)]
+    parts = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))  # SDXL has a second encoder
+    return [m for m in parts if m is not None and adapter_configs(m)]
 
 
 def initial_noise(pipe, seed: int, n: int = 1) -> torch.Tensor:

@@ -54,6 +54,7 @@ from boftvision.integrations.diffusers import (
     save_lycoris_file,
     save_single_file,
 )
+from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
 from boftvision.training import (
     LYCORIS_FILE,
     RENAMED,
@@ -220,18 +221,23 @@ def prompt_attention_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 def cached_by_ids(encode):
     """``encode`` computed once per distinct prompt (diffusers' --pre_compute_text_embeddings: the
-    frozen text encoder runs once per prompt, not once per step)."""
+    frozen text encoder runs once per prompt, not once per step). Keeps SDXL's added conditions too."""
     cache = {}
 
     def cached(ids):
         rows = []
         for row in ids:
-            key = tuple(row.tolist())
+            key = tuple(row.flatten().tolist())
             if key not in cache:
                 with torch.no_grad():
-                    cache[key] = encode(row[None])[0][0]
+                    out = encode(row[None])
+                extra = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict) else None
+                cache[key] = (out[0][0], None if extra is None else {k: v[0] for k, v in extra.items()})
             rows.append(cache[key])
-        return (torch.stack(rows),)
+        context = torch.stack([c for c, _ in rows])
+        if rows[0][1] is None:
+            return (context,)
+        return context, {k: torch.stack([extra[k] for _, extra in rows]) for k in rows[0][1]}
     return cached
 
 
@@ -243,17 +249,18 @@ def free_memory() -> None:
 
 # --- validation ------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(args, accelerator, pipe, unet, text_encoder, step: int) -> Path:
+def validate(args, accelerator, pipe, models: dict, step: int) -> Path:
     """Images of --validation_prompt from the modules being trained (no copies), saved as one grid."""
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    modes = unet.training, text_encoder.training
-    unet.eval(), text_encoder.eval()
-    pipe.unet, pipe.text_encoder = unet, text_encoder
+    models = {part: accelerator.unwrap_model(m) for part, m in models.items()}
+    modes = {part: m.training for part, m in models.items()}
+    for part, model in models.items():
+        setattr(pipe, part, model.eval())
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with accelerator.autocast():
         images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale).images
-    unet.train(modes[0]), text_encoder.train(modes[1])
+    for part, model in models.items():
+        model.train(modes[part])
     path = Path(args.output_dir) / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=len(images)).save(path)
@@ -280,21 +287,28 @@ def main(argv=None) -> dict:
 
     pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator,
                                                           **load_options(args))
-    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    sdxl = is_sdxl(pipe)  # two text encoders, pooled embeddings and time ids
+    if sdxl and args.text_encoder_use_attention_mask:
+        raise ValueError("--text_encoder_use_attention_mask: SDXL's text encoders take no attention mask here")
+    tokenizer = SDXLTokenizers(pipe.tokenizer, pipe.tokenizer_2) if sdxl else pipe.tokenizer
+    vae, unet = pipe.vae, pipe.unet
+    encoders = {"text_encoder": pipe.text_encoder, **({"text_encoder_2": pipe.text_encoder_2} if sdxl else {})}
     if args.tokenizer_max_length:
         tokenizer.model_max_length = args.tokenizer_max_length
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     base = args.pretrained_model_name_or_path
     bv.add_adapter(unet, adapter_config_from_args(args, UNET_PRESETS[args.unet_targets], base))
-    if args.train_text_encoder:
-        bv.add_adapter(text_encoder, adapter_config_from_args(args, TEXT_ENCODER_PRESETS[args.text_encoder_targets],
-                                                              base))
+    if args.train_text_encoder:  # every text encoder (SDXL: both)
+        for encoder in encoders.values():
+            bv.add_adapter(encoder, adapter_config_from_args(args, TEXT_ENCODER_PRESETS[args.text_encoder_targets],
+                                                             base))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    trained = nn.ModuleDict({"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})})
+            for encoder in encoders.values():
+                encoder.gradient_checkpointing_enable()
+    trained = nn.ModuleDict({"unet": unet, **(encoders if args.train_text_encoder else {})})
     counts = bv.count_parameters(trained)
 
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
@@ -307,8 +321,9 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, loader, lr_scheduler)
+        unet, *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, *encoders.values(), optimizer, loader, lr_scheduler)
+        encoders = dict(zip(encoders, prepared))
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
@@ -319,9 +334,11 @@ def main(argv=None) -> dict:
     logger.info(f"{len(dataset)} examples, {args.max_train_steps} steps, adapter {args.adapter}: "
                 f"{counts.trainable:,} trainable parameters", main_process_only=True)
 
-    def encode(ids):  # the text encoder, with diffusers' attention-mask and pre-computing options
+    def encode(ids):  # the text encoder(s), with diffusers' attention-mask and pre-computing options
+        if sdxl:
+            return SDXLTextEncoder(*encoders.values(), size)(ids)
         mask = prompt_attention_mask(ids, tokenizer) if args.text_encoder_use_attention_mask else None
-        return text_encoder(ids, attention_mask=mask)
+        return encoders["text_encoder"](ids, attention_mask=mask)
 
     encode_text = cached_by_ids(encode) if args.pre_compute_text_embeddings else encode
 
@@ -334,30 +351,35 @@ def main(argv=None) -> dict:
         return losses.mean()
 
     def validate_at(step):
-        return validate(args, accelerator, pipe, unet, text_encoder, step)
+        return validate(args, accelerator, pipe, {"unet": unet, **encoders}, step)
 
     unet.train()
-    text_encoder.train(args.train_text_encoder)
-    run = train_steps(accelerator, args, trained, [unet, text_encoder] if args.train_text_encoder else [unet],
+    for encoder in encoders.values():
+        encoder.train(args.train_text_encoder)
+    run = train_steps(accelerator, args, trained, [unet, *encoders.values()] if args.train_text_encoder else [unet],
                       optimizer, lr_scheduler, loader, loss_fn, validate_at if args.validation_prompt else None)
     result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
               "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:
-        unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        unet = accelerator.unwrap_model(unet)
+        encoders = {part: accelerator.unwrap_model(m) for part, m in encoders.items()}
+        adapted = SimpleNamespace(unet=unet, **{part: m if args.train_text_encoder else None
+                                               for part, m in encoders.items()})  # the parts with adapters
         bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
         if args.train_text_encoder:
-            bv.save_adapter(text_encoder, out / "text_encoder", peft_compatible=args.peft_compatible)
+            for part, encoder in encoders.items():
+                bv.save_adapter(encoder, out / part, peft_compatible=args.peft_compatible)
         if args.adapter == "lora":  # also diffusers' format: pipe.load_lora_weights(output_dir)
-            save_diffusers_lora(SimpleNamespace(unet=unet, text_encoder=text_encoder if args.train_text_encoder
-                                                else None), out)
+            save_diffusers_lora(adapted, out)
         if args.validation_prompt:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
                 result["validation"].append(str(validate_at(run.step)))
         if args.export_format == "lycoris":  # one file for ComfyUI / AUTOMATIC1111 / kohya
-            save_lycoris_file(SimpleNamespace(unet=unet, text_encoder=text_encoder if args.train_text_encoder
-                                              else None), out / LYCORIS_FILE)
-        pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
+            save_lycoris_file(adapted, out / LYCORIS_FILE)
+        pipe.unet = unet.eval()
+        for part, encoder in encoders.items():
+            setattr(pipe, part, encoder.eval())
         if args.save_single_file:  # merged, original SD layout: AUTOMATIC1111 / ComfyUI checkpoints
             save_single_file(pipe, out / SINGLE_FILE)
         if args.save_merged:  # a plain pipeline folder any diffusers user loads (adapters merged, removed)

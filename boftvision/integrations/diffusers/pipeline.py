@@ -7,7 +7,7 @@ Adapter directories follow PEFT's DreamBooth example: ``DIR/unet/`` and optional
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -37,12 +37,25 @@ EMBEDDED_ADAPTER = EMBEDDED.parent / "tiny-sd-sks-boft"  # bundled DreamBooth BO
 EMBEDDED_CONTROL = EMBEDDED.parent / "tiny-sd-position-boft"  # bundled shape-position control (see its README)
 
 
+def pipeline_class_name(name_or_path: str | Path, revision: str | None = None) -> str:
+    """The pipeline class a diffusers folder or hub id names in its model_index.json."""
+    path = Path(name_or_path)
+    if path.exists():
+        return json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(str(name_or_path), revision=revision).get("_class_name", "")
+
+
 def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu",
                   revision: str | None = None, variant: str | None = None, tokenizer_name: str | None = None):
-    """A ``StableDiffusionPipeline`` from a hub id or local folder (default: the embedded tiny model),
-    without the safety checker (DreamBooth and interpolation look at raw outputs); ``revision``,
+    """A ``StableDiffusionPipeline`` — or ``StableDiffusionXLPipeline`` when the folder or hub id is an SDXL
+    pipeline (its model_index.json says so) — from a hub id or local folder (default: the embedded tiny
+    model), without the safety checker (DreamBooth and interpolation look at raw outputs); ``revision``,
     ``variant`` and another tokenizer as diffusers' scripts take them."""
-    from diffusers import StableDiffusionPipeline
+    import warnings
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     extra = {}
     if tokenizer_name:
@@ -54,9 +67,13 @@ def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torc
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} has no model_index.json: give a diffusers pipeline folder (save_pretrained "
                                 "layout) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
-    pipe = StableDiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, revision=revision, variant=variant,
-                                                   **extra)
+    if pipeline_class_name(name_or_path, revision) == "StableDiffusionXLPipeline":
+        cls = StableDiffusionXLPipeline
+    else:
+        cls, extra = StableDiffusionPipeline, {**extra, "safety_checker": None, "requires_safety_checker": False}
+    with warnings.catch_warnings():  # diffusers' own rename of torch_dtype, not the user's concern
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = cls.from_pretrained(str(name_or_path), torch_dtype=dtype, revision=revision, variant=variant, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -69,8 +86,11 @@ def frozen_pipeline(name_or_path: str | Path, accelerator, **load_kwargs):
 
     pipe = load_pipeline(name_or_path, **load_kwargs)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False).to(accelerator.device, dtype=dtype)
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet):
+        if module is not None:
+            module.requires_grad_(False).to(accelerator.device)
+            if dtype != torch.float32:
+                module.to(dtype=dtype)
     return pipe, DDPMScheduler.from_config(pipe.scheduler.config), dtype
 
 
@@ -85,7 +105,7 @@ def lr_scheduler_from_args(args, optimizer, num_processes: int):
 
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # SD 1.x/2.x have the first two, SDXL all three
 
 
 def diffusers_lora_file(path: str | Path) -> Path | None:
@@ -143,6 +163,12 @@ def attach_adapters(pipe, adapter_dir: str | Path, name: str = "default") -> lis
 
 
 LYCORIS_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+LYCORIS_PREFIXES_SDXL = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+def lycoris_prefixes(pipe) -> dict[str, str]:
+    """kohya's prefix of each part: lora_te for SD 1.x/2.x's text encoder, lora_te1/lora_te2 for SDXL's."""
+    return LYCORIS_PREFIXES_SDXL if getattr(pipe, "text_encoder_2", None) is not None else LYCORIS_PREFIXES
 
 
 def save_lycoris_file(pipe, path: str | Path, name: str | None = None) -> Path:
@@ -150,7 +176,7 @@ def save_lycoris_file(pipe, path: str | Path, name: str | None = None) -> Path:
     ``lora_te_…``), the file ComfyUI, AUTOMATIC1111/Forge and kohya load (see :mod:`boftvision.io.lycoris`).
     ``name``: the adapter to write (default: each part's active one)."""
     parts = {}
-    for part, prefix in LYCORIS_PREFIXES.items():
+    for part, prefix in lycoris_prefixes(pipe).items():
         model = getattr(pipe, part, None)
         if model is not None and adapter_configs(model):
             active = name or next(layer.active for _, layer in adapted_layers(model) if layer.active)
@@ -168,13 +194,14 @@ def load_lycoris_file(pipe, path: str | Path, name: str = "default", state: dict
     (each part checked before any is changed: on an error the pipeline is left as it was)."""
     state = lycoris.read_lycoris(path) if state is None else state
     present = lycoris.file_prefixes(state)
-    unknown = present - set(LYCORIS_PREFIXES.values())
+    prefixes = lycoris_prefixes(pipe)
+    unknown = present - set(prefixes.values())
     if unknown:
-        raise ValueError(f"{path} holds {sorted(unknown)} modules (an SDXL file?); this pipeline has a UNet "
-                         "(lora_unet) and one text encoder (lora_te)")
+        raise ValueError(f"{path} holds {sorted(unknown)} modules, made for another kind of pipeline (SD 1.x: "
+                         f"lora_te, SDXL: lora_te1/lora_te2); this one's parts are {sorted(prefixes.values())}")
     loaded = []
     with ExitStack() as undo:
-        for part, prefix in LYCORIS_PREFIXES.items():
+        for part, prefix in prefixes.items():
             if prefix in present:
                 lycoris.load_lycoris(getattr(pipe, part), state, prefix, name, source=path)
                 undo.callback(remove_adapter, getattr(pipe, part), name)
@@ -188,7 +215,7 @@ def save_diffusers_lora(pipe, out_dir: str | Path) -> Path:
     ``pytorch_lora_weights.safetensors``, through diffusers' own ``save_lora_weights``, so that
     ``pipe.load_lora_weights(out_dir)`` applies them. diffusers scales a LoRA by alpha/r only when it
     knows alpha; the file carries none, so the scale alpha/r is folded into ``lora_B`` (scale 1)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     layers = {}
     for part in PARTS:
@@ -209,9 +236,15 @@ def save_diffusers_lora(pipe, out_dir: str | Path) -> Path:
     if not layers:
         raise ValueError("the pipeline has no LoRA adapter to export")
     with atomic_folder(out_dir, owns={DIFFUSERS_LORA_NAME}) as tmp:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers.get("unet"),
-                                                  text_encoder_lora_layers=layers.get("text_encoder"),
-                                                  safe_serialization=True)
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: three parts
+            StableDiffusionXLPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers.get("unet"),
+                                                        text_encoder_lora_layers=layers.get("text_encoder"),
+                                                        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+                                                        safe_serialization=True)
+        else:
+            StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers.get("unet"),
+                                                      text_encoder_lora_layers=layers.get("text_encoder"),
+                                                      safe_serialization=True)
     return Path(out_dir) / DIFFUSERS_LORA_NAME
 
 
@@ -220,11 +253,12 @@ def load_diffusers_lora(pipe, path: str | Path, name: str = "default") -> list[s
     kohya/AUTOMATIC1111 one (``lora_unet_…``/``lora_te_…``, converted by diffusers) as boftvision LoRA
     adapters on the UNet and text encoder, with the scale diffusers applies (alpha from the file's
     metadata or network alphas, else r). Safetensors only (never a pickle)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     path = Path(path)
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+    cls = StableDiffusionXLPipeline if getattr(pipe, "text_encoder_2", None) is not None else StableDiffusionPipeline
+    state, alphas, metadata = cls.lora_state_dict(
         str(path.parent), weight_name=path.name, use_safetensors=True, unet_config=pipe.unet.config,
         return_lora_metadata=True)
     alphas, metadata = alphas or {}, metadata or {}
@@ -289,7 +323,8 @@ def export_merged(pipe, out_dir: str | Path) -> None:
     """Merge the active adapters into the weights and ``save_pretrained`` a plain pipeline (written
     whole: a temporary sibling, then a rename); ``StableDiffusionPipeline.from_pretrained`` loads it."""
     for part in PARTS:
-        setattr(pipe, part, merge_and_unload(getattr(pipe, part)))
+        if getattr(pipe, part, None) is not None:
+            setattr(pipe, part, merge_and_unload(getattr(pipe, part)))
     with atomic_folder(out_dir) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
 
@@ -298,8 +333,9 @@ def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tenso
                    dtype: torch.dtype, control: torch.Tensor | None = None,
                    timesteps_as_class_labels: bool = False) -> torch.Tensor:
     """Per-example MSE of the UNet's noise (or v) prediction at random timesteps: the training loss of
-    DreamBooth and of the control script. ``text_encoder``: the model, or any ``ids → (context,)``;
-    ``control``: features added after ``conv_in``; ``timesteps_as_class_labels``: diffusers'
+    DreamBooth and of the control script. ``text_encoder``: the model, or any ``ids → (context,)`` — or
+    ``(context, added_cond_kwargs)`` for SDXL's UNet (see ``sdxl.SDXLTextEncoder``); ``control``:
+    features added after ``conv_in``; ``timesteps_as_class_labels``: diffusers'
     ``--class_labels_conditioning timesteps``."""
     import torch.nn.functional as F
 
@@ -308,13 +344,12 @@ def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tenso
     noise = torch.randn_like(latents)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    context = text_encoder(ids)[0]
+    encoded = text_encoder(ids)
+    context = encoded[0]
+    added = encoded[1] if isinstance(encoded, tuple) and len(encoded) > 1 and isinstance(encoded[1], dict) else None
     labels = t if timesteps_as_class_labels else None
-    if control is None:
-        pred = unet(noisy, t, context, class_labels=labels).sample
-    else:
-        with control_signal(unet, control):
-            pred = unet(noisy, t, context, class_labels=labels).sample
+    with control_signal(unet, control) if control is not None else nullcontext():
+        pred = unet(noisy, t, context, class_labels=labels, added_cond_kwargs=added).sample
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, t)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

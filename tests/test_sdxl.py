@@ -1,0 +1,99 @@
+"""Stable Diffusion XL on a tiny pipeline built here from configs (UNet with "text_time" added
+conditions, CLIPTextModel + CLIPTextModelWithProjection): DreamBooth trains every adapter on the UNet and
+both text encoders, resumes, writes a LoRA diffusers' SDXL pipeline loads; generation and the butterfly
+interpolation path run on it."""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import boftvision as bv
+from boftvision.adapters import METHODS
+from boftvision.data.shapes import INSTANCE_PROMPT, WORDS, instance_images
+from boftvision.generate import generate, interpolation_path
+from boftvision.integrations.diffusers import attach_adapters, load_pipeline
+from boftvision.integrations.diffusers.sdxl import is_sdxl, tiny_sdxl_components
+from boftvision.integrations.diffusers.tiny import build_clip_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train_scripts"))
+import train_dreambooth_boft  # noqa: E402
+from conftest import SD_ADAPTER_SIZES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    root = tmp_path_factory.mktemp("sdxl")
+    StableDiffusionXLPipeline(**tiny_sdxl_components(build_clip_tokenizer(WORDS, 16))).save_pretrained(
+        str(root / "model"))
+    (root / "instance").mkdir()
+    for i, image in enumerate(instance_images(3, 32)):
+        image.save(root / "instance" / f"{i}.png")
+    return root
+
+
+def args(root, out, *extra):
+    return ["--pretrained_model_name_or_path", str(root / "model"), "--instance_data_dir", str(root / "instance"),
+            "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out), "--learning_rate", "1e-2",
+            "--train_batch_size", "3", "--seed", "0", "--train_text_encoder", *SD_ADAPTER_SIZES, *extra]
+
+
+def images(pipe) -> np.ndarray:
+    return np.stack([np.asarray(i, np.float32) for i in generate(pipe, INSTANCE_PROMPT, seed=0, steps=2)])
+
+
+@pytest.mark.parametrize("adapter", list(METHODS))
+def test_sdxl_dreambooth_trains_both_text_encoders_and_reloads(sdxl, tmp_path, adapter):
+    result = train_dreambooth_boft.main(args(sdxl, tmp_path, "--adapter", adapter, "--max_train_steps", "20"))
+    losses = result["losses"]
+    assert statistics.mean(losses[-5:]) < 0.97 * statistics.mean(losses[:5])
+    assert {p.name for p in tmp_path.iterdir()} >= {"unet", "text_encoder", "text_encoder_2"}
+    pipe = load_pipeline(sdxl / "model")
+    assert is_sdxl(pipe)
+    base = images(pipe)
+    assert attach_adapters(pipe, tmp_path) == ["unet", "text_encoder", "text_encoder_2"]
+    assert np.abs(images(pipe) - base).max() > 0  # the adapters reached the images
+
+
+def test_sdxl_resume_continues_exactly(sdxl, tmp_path):
+    full = train_dreambooth_boft.main(args(sdxl, tmp_path / "full", "--max_train_steps", "4",
+                                           "--checkpointing_steps", "2"))
+    train_dreambooth_boft.main(args(sdxl, tmp_path / "cut", "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    resumed = train_dreambooth_boft.main(args(sdxl, tmp_path / "cut", "--max_train_steps", "4",
+                                              "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert resumed["losses"][-2:] == pytest.approx(full["losses"][-2:], abs=1e-5)
+
+
+def test_sdxl_lora_loads_in_diffusers_with_our_images(sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    train_dreambooth_boft.main(args(sdxl, tmp_path, "--adapter", "lora", "--max_train_steps", "3",
+                                    "--lora_alpha", "4"))
+    ours = load_pipeline(sdxl / "model")
+    attach_adapters(ours, tmp_path)
+    theirs = StableDiffusionXLPipeline.from_pretrained(str(sdxl / "model"))
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(str(tmp_path))
+    assert np.abs(images(theirs) - images(ours)).max() <= 1e-4 * 255
+    assert np.abs(images(ours) - images(load_pipeline(sdxl / "model"))).max() > 0
+
+
+def test_sdxl_interpolation_endpoints(sdxl):
+    pipe = load_pipeline(sdxl / "model")
+    base = images(pipe)
+    torch.manual_seed(0)
+    bv.add_adapter(pipe.unet, bv.BOFTConfig(block_size=4, n_butterfly_factor=2, init_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    tuned = images(pipe)
+    path = interpolation_path(pipe, INSTANCE_PROMPT, seed=0, steps=2)
+    assert [label for label, _ in path] == ["fine-tuned", "1/2 -> I", "2/2 -> I", "base"]
+    assert np.array_equal(np.asarray(path[0][1], np.float32), tuned[0])
+    assert np.array_equal(np.asarray(path[-1][1], np.float32), base[0])
+    assert np.abs(tuned - base).max() > 0
