@@ -97,3 +97,37 @@ def test_sdxl_interpolation_endpoints(sdxl):
     assert np.array_equal(np.asarray(path[0][1], np.float32), tuned[0])
     assert np.array_equal(np.asarray(path[-1][1], np.float32), base[0])
     assert np.abs(tuned - base).max() > 0
+
+
+def test_sd1_and_sdxl_adapters_do_not_mix(sdxl, tiny_sd, tmp_path):
+    train_dreambooth_boft.main(args(sdxl, tmp_path / "xl", "--adapter", "lora", "--max_train_steps", "1"))
+    with pytest.raises(ValueError, match="trained on an SDXL pipeline, and this one is SD 1.x/2.x"):
+        attach_adapters(load_pipeline(tiny_sd), tmp_path / "xl")
+    sd1 = load_pipeline(tiny_sd)
+    bv.add_adapter(sd1.unet, bv.LoRAConfig(r=2, target_modules=["to_q"]))
+    bv.save_adapter(sd1.unet, tmp_path / "sd1" / "unet")
+    pipe = load_pipeline(sdxl / "model")
+    with pytest.raises(ValueError, match="this is an SDXL pipeline: was the adapter trained on the other kind"):
+        attach_adapters(pipe, tmp_path / "sd1")
+    assert not bv.inject.adapter_configs(pipe.unet)
+
+
+def test_sdxl_flags_of_diffusers_script(sdxl, tmp_path):
+    """--pretrained_vae_model_name_or_path replaces the VAE; --crops_coords_top_left_h/w enter the time ids
+    (original size, crop top-left, target size), as diffusers' SDXL script builds them."""
+    from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers
+
+    vae = load_pipeline(sdxl / "model").vae
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(2)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    pipe = load_pipeline(sdxl / "model", vae_name_or_path=str(tmp_path / "vae"))
+    torch.testing.assert_close(pipe.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+    ids = SDXLTokenizers(pipe.tokenizer, pipe.tokenizer_2)(INSTANCE_PROMPT, padding="max_length", max_length=16,
+                                                         truncation=True, return_tensors="pt").input_ids
+    _, added = SDXLTextEncoder(pipe.text_encoder, pipe.text_encoder_2, 32, (4, 2))(ids)
+    assert added["time_ids"].tolist() == [[32.0, 32.0, 4.0, 2.0, 32.0, 32.0]]
+    result = train_dreambooth_boft.main(args(sdxl, tmp_path / "out", "--max_train_steps", "2",
+                                             "--pretrained_vae_model_name_or_path", str(tmp_path / "vae"),
+                                             "--crops_coords_top_left_h", "4", "--crops_coords_top_left_w", "2"))
+    assert result["steps"] == 2

@@ -135,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(StableDiffusionPipeline.from_pretrained loads it)")
     p.add_argument("--skip_bad_files", action="store_true")
     p.add_argument("--max_nonfinite_steps", type=int, default=0)
+    g = p.add_argument_group("SDXL (diffusers' train_dreambooth_lora_sdxl.py flags)")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for fp16 training)")
+    g.add_argument("--crops_coords_top_left_h", type=int, default=0, help="SDXL's crop conditioning: top")
+    g.add_argument("--crops_coords_top_left_w", type=int, default=0, help="SDXL's crop conditioning: left")
     g = p.add_argument_group("more of diffusers' and PEFT's DreamBooth flags")
     g.add_argument("--rank", type=int, default=None, help="the adapter's rank (LoRA r, VB-LoRA r); diffusers' name")
     g.add_argument("--use_boft", action="store_true", help="PEFT's example: the same as --adapter boft")
@@ -209,7 +214,8 @@ def generate_class_images(args, accelerator: Accelerator) -> None:
 
 
 def load_options(args) -> dict:
-    return {"revision": args.revision, "variant": args.variant, "tokenizer_name": args.tokenizer_name}
+    return {"revision": args.revision, "variant": args.variant, "tokenizer_name": args.tokenizer_name,
+            "vae_name_or_path": args.pretrained_vae_model_name_or_path}
 
 
 def prompt_attention_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -290,6 +296,9 @@ def main(argv=None) -> dict:
     sdxl = is_sdxl(pipe)  # two text encoders, pooled embeddings and time ids
     if sdxl and args.text_encoder_use_attention_mask:
         raise ValueError("--text_encoder_use_attention_mask: SDXL's text encoders take no attention mask here")
+    if not sdxl and (args.crops_coords_top_left_h or args.crops_coords_top_left_w):
+        warnings.warn("--crops_coords_top_left_h/w condition SDXL's UNet; this pipeline is not SDXL: ignored",
+                      stacklevel=2)
     tokenizer = SDXLTokenizers(pipe.tokenizer, pipe.tokenizer_2) if sdxl else pipe.tokenizer
     vae, unet = pipe.vae, pipe.unet
     encoders = {"text_encoder": pipe.text_encoder, **({"text_encoder_2": pipe.text_encoder_2} if sdxl else {})}
@@ -336,7 +345,8 @@ def main(argv=None) -> dict:
 
     def encode(ids):  # the text encoder(s), with diffusers' attention-mask and pre-computing options
         if sdxl:
-            return SDXLTextEncoder(*encoders.values(), size)(ids)
+            crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+            return SDXLTextEncoder(*encoders.values(), size, crop)(ids)
         mask = prompt_attention_mask(ids, tokenizer) if args.text_encoder_use_attention_mask else None
         return encoders["text_encoder"](ids, attention_mask=mask)
 

@@ -48,11 +48,12 @@ def pipeline_class_name(name_or_path: str | Path, revision: str | None = None) -
 
 
 def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                  revision: str | None = None, variant: str | None = None, tokenizer_name: str | None = None):
+                  revision: str | None = None, variant: str | None = None, tokenizer_name: str | None = None,
+                  vae_name_or_path: str | None = None):
     """A ``StableDiffusionPipeline`` — or ``StableDiffusionXLPipeline`` when the folder or hub id is an SDXL
     pipeline (its model_index.json says so) — from a hub id or local folder (default: the embedded tiny
     model), without the safety checker (DreamBooth and interpolation look at raw outputs); ``revision``,
-    ``variant`` and another tokenizer as diffusers' scripts take them."""
+    ``variant``, another tokenizer and another VAE (SDXL's fp16-safe one) as diffusers' scripts take them."""
     import warnings
 
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -62,6 +63,11 @@ def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torc
         from transformers import AutoTokenizer
 
         extra["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision, use_fast=False)
+    if vae_name_or_path:
+        from diffusers import AutoencoderKL
+
+        location = check_model_location(vae_name_or_path, "VAE")
+        extra["vae"] = AutoencoderKL.from_pretrained(location, torch_dtype=dtype)
 
     path = Path(check_model_location(name_or_path, "diffusers pipeline"))
     if path.exists() and not (path / "model_index.json").is_file():
@@ -157,8 +163,20 @@ def attach_adapters(pipe, adapter_dir: str | Path, name: str = "default") -> lis
             return load_lycoris_file(pipe, lora_file, name, state)
         return load_diffusers_lora(pipe, lora_file, name)
     parts = adapter_parts(adapter_dir)
-    for part, folder in parts.items():
-        adapter_io.load_adapter(getattr(pipe, part), folder, name=name)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if "text_encoder_2" in parts and not sdxl:
+        raise ValueError(f"{adapter_dir} holds a text_encoder_2 adapter: it was trained on an SDXL pipeline, and this "
+                         "one is SD 1.x/2.x; pass the SDXL base it was trained on (--pretrained_model_name_or_path)")
+    with ExitStack() as undo:
+        for part, folder in parts.items():
+            try:
+                adapter_io.load_adapter(getattr(pipe, part), folder, name=name)
+            except ValueError as err:
+                kind = "an SDXL" if sdxl else "an SD 1.x/2.x"
+                raise ValueError(f"{err} — this is {kind} pipeline: was the adapter trained on the other kind?") \
+                    from err
+            undo.callback(remove_adapter, getattr(pipe, part), name)
+        undo.pop_all()
     return list(parts)
 
 
