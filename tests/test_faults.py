@@ -107,6 +107,7 @@ def soak(tmp_path, reference, kills: int, seed: int) -> None:
     assert done >= min(kills, 3)
 
 
+@pytest.mark.slow  # ~40 s; `make test-all`
 def test_kill_soak_resumes_to_the_uninterrupted_result(tmp_path, reference):
     soak(tmp_path, reference, kills=5, seed=0)
 

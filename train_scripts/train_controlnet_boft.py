@@ -45,6 +45,7 @@ from boftvision.integrations.diffusers import (
     save_lycoris_file,
     save_single_file,
 )
+from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
 from boftvision.training import (
     LYCORIS_FILE,
     SINGLE_FILE,
@@ -211,8 +212,13 @@ def main(argv=None) -> dict:
     pipe, noise_scheduler, weight_dtype = frozen_pipeline(args.pretrained_model_name_or_path, accelerator,
                                                           revision=args.revision, variant=args.variant,
                                                           tokenizer_name=args.tokenizer_name)
-    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    vae, unet = pipe.vae, pipe.unet
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    if is_sdxl(pipe):  # both text encoders, pooled embeddings and time ids
+        tokenizer = SDXLTokenizers(pipe.tokenizer, pipe.tokenizer_2)
+        text_encoder = SDXLTextEncoder(pipe.text_encoder, pipe.text_encoder_2, size)
+    else:
+        tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     dataset = load_data(args, tokenizer, size)  # bad data fails before training starts
     if args.max_train_samples:
         dataset = torch.utils.data.Subset(dataset, range(min(args.max_train_samples, len(dataset))))
