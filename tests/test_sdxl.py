@@ -135,6 +135,7 @@ def test_sdxl_flags_of_diffusers_script(sdxl, tmp_path):
 
 def test_sdxl_control_training_loss_falls(sdxl, tmp_path):
     import train_controlnet_boft
+
     from boftvision.data.controlnet import write_triplets
     from boftvision.data.shapes import control_example
 
@@ -147,3 +148,20 @@ def test_sdxl_control_training_loss_falls(sdxl, tmp_path):
     losses = result["losses"]
     assert statistics.mean(losses[-5:]) < 0.95 * statistics.mean(losses[:5])
     assert (tmp_path / "out" / "unet" / "adapter_model.safetensors").is_file()
+
+
+def test_sdxl_memory_options_give_the_same_training(sdxl, tmp_path):
+    """--gradient_checkpointing (UNet and both text encoders) trains exactly as without it; bf16 autocast
+    keeps the adapters fp32 and the losses finite and close."""
+    plain = train_dreambooth_boft.main(args(sdxl, tmp_path / "plain", "--max_train_steps", "3"))
+    checkpointed = train_dreambooth_boft.main(args(sdxl, tmp_path / "gc", "--max_train_steps", "3",
+                                                   "--gradient_checkpointing"))
+    assert checkpointed["losses"] == pytest.approx(plain["losses"], abs=1e-5)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # another mixed precision in this process
+    half = train_dreambooth_boft.main(args(sdxl, tmp_path / "bf16", "--max_train_steps", "3",
+                                           "--mixed_precision", "bf16", "--gradient_checkpointing"))
+    assert all(np.isfinite(half["losses"])) and half["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert {t.dtype for t in bv.io.read_adapter(tmp_path / "bf16" / part)[1].values()} == {torch.float32}
