@@ -118,6 +118,47 @@ def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
     return losses
 
 
+def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
+    """Adam on BOFT and VB-LoRA (Llama): 3 steps straight, against 2 steps, a training checkpoint, a fresh
+    model and optimizer that load it, and the third step. Writes ``DIR/<kind>/resume.json``."""
+    from boftvision.training import load_checkpoint, save_checkpoint
+
+    data = batch()
+    share = BATCH // world
+    rows = slice(rank * share, (rank + 1) * share)
+    result = {}
+    for method in ("boft", "vblora"):
+        def fresh():
+            torch.manual_seed(0)
+            model, targets = build_llama()
+            bv.add_adapter(model, dataclasses.replace(CONFIGS[method], target_modules=targets))
+            model = wrap(model, kind)
+            return model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+        def step(model, optimizer):
+            loss = loss_of("llama", model, data, rows)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            mean = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(mean)
+                mean /= world
+            return mean.item()
+
+        model, optimizer = fresh()
+        straight = [step(model, optimizer) for _ in range(3)]
+        model, optimizer = fresh()
+        for _ in range(2):
+            step(model, optimizer)
+        checkpoint = save_checkpoint(out / kind / f"run-{method}", model, optimizer, None, 2)
+        model, optimizer = fresh()
+        load_checkpoint(checkpoint, model, optimizer, None)
+        result[method] = {"straight": straight, "resumed": step(model, optimizer)}
+    if rank == 0:
+        (out / kind / "resume.json").write_text(json.dumps(result))
+
+
 def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> None:
     import warnings
 
@@ -128,6 +169,8 @@ def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> Non
     try:
         for kind in kinds:
             train(kind, out, rank, world)
+            if kind.startswith("fsdp"):
+                resume_check(kind, out, rank, world)
     finally:
         dist.destroy_process_group()
 

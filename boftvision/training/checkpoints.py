@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapters import METHODS
 from ..files import atomic_folder
-from ..sharding import is_sharded
+from ..sharding import barrier, clean_name, is_sharded, rank
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,26 +56,60 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
     """``folder/checkpoint-{step}/training_state.pt`` + ``state.json``: trainable parameters (by name),
     optimizer, scheduler, step, RNG. Written into a temporary sibling and renamed, so a kill never
     leaves a half-written ``checkpoint-{step}``. ``keep`` limits how many stay (oldest removed)."""
-    if is_sharded(model):
-        raise NotImplementedError("training checkpoints of an FSDP-sharded run are not written yet (each process "
-                                  "holds only shards): pass --checkpointing_steps 0, or train with DDP")
     path = Path(folder) / f"checkpoint-{step}"
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    sharded = is_sharded(model)
+    if sharded:  # every process calls this: the full tensors are gathered, process 0 writes
+        trainable, optimizer_state, rng = sharded_training_state(model, optimizer)
+    else:
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer_state, rng = optimizer.state_dict(), _rng_state()
     bad = next((n for n, t in trainable.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad:
         raise TrainingDiverged(f"step {step}: parameter {bad} is not finite; not writing checkpoint-{step} (the "
                                "newest complete checkpoint stays the latest); lower --learning_rate and resume")
-    with atomic_folder(path) as tmp:
-        torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "step": step, "rng": _rng_state()}, tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step}, indent=2))
+    if rank() != 0:
+        if sharded:
+            barrier()
+        return path
+    try:
+        with atomic_folder(path) as tmp:
+            torch.save({"trainable": trainable, "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "step": step, "rng": rng, "sharded": sharded}, tmp / "training_state.pt")
+            (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step}, indent=2))
+    finally:
+        if sharded:
+            barrier()
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             remove_folder(old)
     for leftover in Path(folder).glob(".checkpoint-*"):  # what a kill left of earlier writes or removals
         shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+def sharded_training_state(model: nn.Module, optimizer) -> tuple[dict, dict, list]:
+    """A sharded (FSDP1/FSDP2) model's trainable parameters and optimizer state as whole tensors keyed by
+    parameter name (torch's distributed state-dict API; collective), and every process's RNG state."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    names = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, _rng_state())
+    return {n: t for n, t in model_state.items() if n in names}, optimizer_state, rngs
+
+
+def load_sharded_training_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Inverse of :func:`sharded_training_state` on an identically built and wrapped model: every process
+    reads the whole file and keeps its shards; each process gets its own RNG state back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    _set_rng_state(state["rng"][rank()])
 
 
 def remove_folder(path: Path) -> None:
@@ -184,6 +218,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
         raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain data, which could "
                          "run code when loaded; refusing it. Checkpoints written by boftvision hold only tensors: "
                          "delete this one (or resume from another) if you did not make it yourself") from err
+    if state.get("sharded"):
+        if not is_sharded(model):
+            raise ValueError(f"checkpoint {path} was written by a sharded (FSDP) run: resume it sharded the same way")
+        load_sharded_training_state(model, optimizer, state)
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        return json.loads((Path(path) / "state.json").read_text())
     params = dict(model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
     if missing:
