@@ -394,3 +394,40 @@ def test_output_orientation_batches_rotations_and_interpolates(net, inputs, meth
     with torch.no_grad():  # every butterfly component to identity, scale reset: the base model
         bv.butterfly_interpolation(shared.eval(), bv.num_butterfly_components(shared), reset_scale=True)
         assert close(run(shared, inputs), base_out, 1e-6)
+
+
+@pytest.mark.parametrize("orientation", ["input", "output"])
+def test_deep_butterflies_run_as_two_block_products(orientation):
+    """BOFT deeper than the collapse span (full butterfly, m = 5 on width 128, b = 8) applies R as two
+    block products: outputs and gradients equal the factor-by-factor path, on both sides, Linear and
+    Conv2d, and merge equals the forward."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 128), nn.Conv2d(128, 128, 1))
+    config = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, init_weights=False, target_modules=["0", "1"],
+                           orientation=orientation)
+    fast = bv.add_adapter(copy.deepcopy(net), config)
+    slow = copy.deepcopy(fast)
+    assert all(layer.adapters["default"].two_product for _, layer in adapted_layers(fast))
+    for _, layer in adapted_layers(slow):
+        layer.adapters["default"].two_product = False
+    x = torch.randn(6, 128)
+
+    def run_both(model):
+        return model[1](model[0](x)[..., None, None]).flatten(1)
+
+    results = []
+    for model in (fast, slow):
+        for side in ("input", "weight"):
+            for _, layer in adapted_layers(model):
+                layer.adapters["default"].rotation_side = side
+            out = run_both(model)
+            out.square().sum().backward()
+            results.append([out.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+            model.zero_grad()
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        expected = run_both(fast)
+        bv.merge_adapter(fast)
+        torch.testing.assert_close(run_both(fast), expected, atol=1e-4, rtol=1e-4)

@@ -151,3 +151,21 @@ def test_collapsed_butterfly_is_the_block_diagonal_of_r(d, b, m):
     torch.testing.assert_close(torch.block_diag(*diagonal), r)  # and nothing outside the diagonal blocks
     x = torch.randn(5, d, dtype=torch.float64)
     torch.testing.assert_close(apply_factor(x, diagonal, 0), butterfly_apply(x, blocks))
+
+
+@pytest.mark.parametrize("b", [2, 4, 8, 16, 32])
+def test_two_product_form_equals_the_factors(b):
+    """R = H·L (two block products and a fixed permutation) equals factor-by-factor application for every
+    m up to the full butterfly, x R and x Rᵀ, widths of one and of three full spans."""
+    from boftvision.ops.orthogonal import apply_two_product, two_product_operands
+
+    torch.manual_seed(b)
+    span = b * 16
+    for width in (span, 3 * span):
+        for m in range(1, max_butterfly_factors(span, b) + 1):
+            blocks = cayley(skew_from_square(0.3 * torch.randn(m, width // b, b, b)))
+            x = torch.randn(4, width)
+            low, high = two_product_operands(blocks)
+            for transpose in (False, True):
+                torch.testing.assert_close(apply_two_product(x, low, high, m, b, transpose=transpose),
+                                           butterfly_apply(x, blocks, transpose=transpose), atol=1e-5, rtol=1e-5)

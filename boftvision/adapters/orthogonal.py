@@ -21,6 +21,7 @@ from ..config import BOFTConfig, OFTConfig
 from ..ops.orthogonal import (
     apply_dropout_mask,
     apply_factor,
+    apply_two_product,
     butterfly_apply,
     butterfly_span,
     check_butterfly_shape,
@@ -28,6 +29,8 @@ from ..ops.orthogonal import (
     max_butterfly_factors,
     multiplicative_dropout_mask,
     rotate_weight,
+    two_product_operands,
+    two_product_split,
 )
 from .base import Adapter, LayerShape, compute_dtype
 
@@ -93,6 +96,8 @@ class OrthogonalAdapter(Adapter):
         self.identity_factors = 0  # butterfly interpolation: leftmost components set to I
         self.reset_scale = False
         self.collapse = n_factors > 1 and butterfly_span(block_size, n_factors) <= COLLAPSE_SPAN
+        # deeper butterflies: R = H·L, two block products whatever m (see ops.two_product_operands)
+        self.two_product = not self.collapse and n_factors >= 3
 
     # --- method-specific parametrisation -------------------------------------------------
     def raw(self) -> torch.Tensor:  # pragma: no cover
@@ -142,7 +147,11 @@ class OrthogonalAdapter(Adapter):
         return self.finish_blocks(self.orthogonal_blocks(), self.dropout_mask() if dropout else None)
 
     def operand(self, blocks: torch.Tensor) -> torch.Tensor:
-        """What :meth:`rotate` multiplies by: R's collapsed diagonal blocks, or the m factors."""
+        """What :meth:`rotate` multiplies by: R's collapsed diagonal blocks, the two products' blocks
+        (flattened into one tensor), or the m factors."""
+        if self.two_product:
+            low, high = two_product_operands(blocks)
+            return torch.cat([low.reshape(-1), high.reshape(-1)])
         return collapse_butterfly(blocks) if self.collapse else blocks
 
     def state_key(self) -> tuple:
@@ -183,7 +192,7 @@ class OrthogonalAdapter(Adapter):
         tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
         width = self.width  # what an activation pass touches per token: the rotated side
         cost = PASS_COST.get(x.device.type, PASS_COST["cpu"])
-        passes = cost if self.collapse else cost * (1 + 3 * (self.n_factors - 1))
+        passes = cost if self.collapse else cost * 4 if self.two_product else cost * (1 + 3 * (self.n_factors - 1))
         training = torch.is_grad_enabled() and self.raw().requires_grad
         sweeps = 3 if training else 1  # forward + two backward products
         input_cost = tokens * width * passes * sweeps
@@ -192,7 +201,16 @@ class OrthogonalAdapter(Adapter):
 
     def rotate(self, x: torch.Tensor, operand: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``x @ R`` (``x @ Rᵀ``) with the fp32 operand cast to x's dtype: one block product over R's
-        collapsed diagonal blocks when they are narrow (see ``COLLAPSE_SPAN``), else factor by factor."""
+        collapsed diagonal blocks when they are narrow (see ``COLLAPSE_SPAN``), two block products for
+        deeper butterflies, else (m = 2, wide blocks) factor by factor."""
+        if self.two_product:
+            m, b = self.n_factors, self.block_size
+            k = two_product_split(m)
+            low_width, high_width = b * 2 ** k, b * 2 ** (m - k - 2)
+            n_low = self.width * low_width
+            low = operand[:n_low].reshape(-1, low_width, low_width).to(x.dtype)
+            high = operand[n_low:].reshape(-1, high_width, high_width).to(x.dtype)
+            return apply_two_product(x, low, high, m, b, transpose=transpose)
         if self.collapse:
             return apply_factor(x, (operand.transpose(-1, -2) if transpose else operand).to(x.dtype), 0)
         return butterfly_apply(x, operand.to(x.dtype), transpose=transpose)
@@ -351,7 +369,7 @@ def share_rotations(adapters: list[OrthogonalAdapter]) -> None:
         return
     groups = defaultdict(list)
     for adapter in adapters:
-        if is_whole(adapter):
+        if is_whole(adapter) and not adapter.two_product:  # two-product operands are computed per layer
             groups[adapter.batch_key()].append(adapter)
     for group in groups.values():
         if len(group) < 2:

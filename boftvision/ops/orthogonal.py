@@ -247,3 +247,58 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     """
     mask = multiplicative_dropout_mask(blocks.shape[0], blocks.shape[1], p)
     return blocks if mask is None else apply_dropout_mask(blocks, mask)
+
+
+# --- two-product form ---------------------------------------------------------------------------------
+# Factor i of a butterfly mixes the b/2-wide chunks whose index differs in bit i. So the first k+1 factors
+# multiply to L = B_k ⋯ B_0, block-diagonal with contiguous b·2^k-wide blocks, and the others to
+# H = B_{m−1} ⋯ B_{k+1}, block-diagonal after one fixed permutation (chunk bits 0…k moved above the rest):
+# R = H·L applies as two batched block products and two transposes for any m (a Monarch-style form).
+
+def two_product_split(n_factors: int) -> int:
+    """k: the low product takes factors 0…k, the high one k+1…m−1 — both blocks near √(b·span)."""
+    return (n_factors - 1) // 2
+
+
+def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(low, high)`` with ``x @ R == apply_two_product(x, low, high, m, b)`` for ``R = B_{m−1}⋯B_0``.
+
+    blocks: (m, N, b, b). low: (d/Bₗ, Bₗ, Bₗ), Bₗ = b·2^k (R's first k+1 factors, collapsed); high:
+    (groups, Bₕ, Bₕ), Bₕ = b·2^(m−k−2), in the permuted coordinates (None when m = 1). Built by pushing
+    Bₕ tiled basis rows through the high factors: O(Bₕ·d·b·m), no d×d matrix.
+    """
+    m, n, b, _ = blocks.shape
+    k = two_product_split(m)
+    low = collapse_butterfly(blocks[:k + 1]) if k > 0 else blocks[0]
+    if m == k + 1:
+        return low, None
+    half, d = b // 2, n * b
+    span = b * 2 ** (m - 1)
+    segments, c_high, c_low = d // span, 2 ** (m - k - 1), 2 ** (k + 1)
+    width = c_high * half
+    basis = torch.eye(width, device=blocks.device, dtype=blocks.dtype).reshape(width, 1, c_high, 1, half)
+    rows = basis.expand(width, segments, c_high, c_low, half).reshape(width, d)
+    for i in reversed(range(k + 1, m)):  # x @ H: B_{m−1} first
+        rows = apply_factor(rows, blocks[i], i)
+    high = rows.reshape(width, segments, c_high, c_low, half).permute(1, 3, 0, 2, 4)
+    return low, high.reshape(segments * c_low, width, width)
+
+
+def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | None, n_factors: int,
+                      block_size: int, transpose: bool = False) -> torch.Tensor:
+    """``x @ R`` (``x @ Rᵀ``) from :func:`two_product_operands`: x: (..., d)."""
+    if high is None:
+        return apply_factor(x, low.transpose(-1, -2) if transpose else low, 0)
+    k, half = two_product_split(n_factors), block_size // 2
+    lead, d = x.shape[:-1], x.shape[-1]
+    c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
+    segments = d // (c_high * c_low * half)
+
+    def high_product(v, blocks):
+        v = v.reshape(*lead, segments, c_high, c_low, half).transpose(-3, -2)
+        v = torch.einsum("...gk,gkc->...gc", v.reshape(*lead, segments * c_low, c_high * half), blocks)
+        return v.reshape(*lead, segments, c_low, c_high, half).transpose(-3, -2).reshape(*lead, d)
+
+    if transpose:  # x Rᵀ = x Lᵀ Hᵀ
+        return high_product(apply_factor(x, low.transpose(-1, -2), 0), high.transpose(-1, -2))
+    return apply_factor(high_product(x, high), low, 0)
