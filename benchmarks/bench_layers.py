@@ -1,4 +1,4 @@
-"""Training-step cost of a stack of Linear layers: frozen base vs ours vs PEFT, as ratios.
+"""Training-step cost of a stack of Linear layers: frozen base vs ours vs PEFT and LyCORIS, as ratios.
 
 One step = forward + backward (+ AdamW step on the adapter parameters). The input requires grad, so
 the frozen base also back-propagates through every layer (what a frozen layer costs inside a network).
@@ -53,8 +53,26 @@ OUR_CONFIGS = {
     "BOFT m=2 b=8": lambda t, w: bv.BOFTConfig(block_size=8, n_butterfly_factor=2, target_modules=t),
     "BOFT m=2 b=8 output side": lambda t, w: bv.BOFTConfig(block_size=8, n_butterfly_factor=2, orientation="output",
                                                            target_modules=t),
+    "BOFT full b=8": lambda t, w: bv.BOFTConfig(block_size=8, n_butterfly_factor=0, target_modules=t),
     "VB-LoRA": lambda t, w: bv.VBLoRAConfig(r=4, num_vectors=256, vector_length=min(256, w), target_modules=t),
 }
+
+
+class LycorisStack(nn.Module):
+    """The stack with lycoris-lora's BOFT (full butterfly, b = 8: its only structure) on every layer."""
+
+    def __init__(self, base: nn.Sequential, bypass: bool):
+        from lycoris.modules.boft import ButterflyOFTModule
+
+        super().__init__()
+        self.net = base
+        self.lycoris = nn.ModuleList(ButterflyOFTModule(f"l{i}", layer, 1.0, lora_dim=8, bypass_mode=bypass)
+                                     for i, layer in enumerate(base))
+        for module in self.lycoris:
+            module.apply_to()
+
+    def forward(self, x):
+        return self.net(x)
 
 
 def time_step(model, x, device, iters, warmup, train=True):
@@ -109,6 +127,14 @@ def main() -> None:
         rows = [("frozen base", frozen, peak)]
         candidates = [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets, width)))
                       for k in OUR_CONFIGS]
+        try:
+            import lycoris  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            for mode, bypass in (("weight mode", False), ("bypass mode", True)):
+                candidates.append((f"LyCORIS BOFT full b=8 ({mode})",
+                                   lambda bypass=bypass: LycorisStack(copy.deepcopy(base), bypass)))
         if not args.no_peft:
             import peft
             from peft_reference import peft_model
