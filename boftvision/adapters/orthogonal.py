@@ -2,10 +2,11 @@
 interpolation → the rotation applied on the cheaper side (activations or the rows of W0), and the
 batched per-step computation of many layers' rotations (:func:`share_rotations`).
 
-The rotation is never built as a d×d matrix. Its fp32 operand (R's collapsed diagonal blocks, or the m
-butterfly factors) always comes from :class:`RotationOperands`, alone or batched over layers: a
-function whose backward recomputes the small batched computation, so any number of backward passes —
-reentrant gradient checkpointing's included — may go through it and no cached result is ever stale.
+The rotation is never built as a d×d matrix. Its fp32 operand (R's collapsed diagonal blocks, the
+blocks of its two-product form R = H·L for deeper butterflies, or the m factors) always comes from
+:class:`RotationOperands`, alone or batched over layers: a function whose backward recomputes the small
+batched computation, so any number of backward passes — reentrant gradient checkpointing's included —
+may go through it and no cached result is ever stale.
 """
 from __future__ import annotations
 
