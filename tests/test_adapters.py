@@ -431,3 +431,23 @@ def test_deep_butterflies_run_as_two_block_products(orientation):
         expected = run_both(fast)
         bv.merge_adapter(fast)
         torch.testing.assert_close(run_both(fast), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_two_block_products_in_bf16_and_on_conv1d():
+    """The two-product path keeps a bf16 model's dtype and agrees with the factor-by-factor path to bf16
+    precision; transformers' Conv1D (GPT-2) takes it like a Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    for net, x in ((nn.Sequential(nn.Linear(128, 128)).to(torch.bfloat16), torch.randn(4, 128, dtype=torch.bfloat16)),
+                   (nn.Sequential(Conv1D(128, 128)), torch.randn(4, 128))):
+        config = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, init_weights=False, target_modules=["0"])
+        fast = bv.add_adapter(copy.deepcopy(net), config)
+        slow = copy.deepcopy(fast)
+        slow[0].adapters["default"].two_product = False
+        assert fast[0].adapters["default"].two_product
+        with torch.no_grad():
+            got, expected = fast(x), slow(x)
+        assert got.dtype == x.dtype
+        tolerance = 0.03 if x.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
