@@ -95,6 +95,7 @@ def sharded_training_state(model: nn.Module, optimizer) -> tuple[dict, dict, lis
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     names = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
     model_state, optimizer_state = get_state_dict(model, optimizer,
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rngs = [None] * dist.get_world_size()
@@ -107,6 +108,7 @@ def load_sharded_training_state(model: nn.Module, optimizer, state: dict) -> Non
     reads the whole file and keeps its shards; each process gets its own RNG state back."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    optimizer = getattr(optimizer, "optimizer", optimizer)
     set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     _set_rng_state(state["rng"][rank()])

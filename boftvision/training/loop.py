@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..inject import parameter_groups
+from ..sharding import is_sharded
 from .arguments import check_requirements
 from .checkpoints import (
     TrainingDiverged,
@@ -266,7 +267,7 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
     start, validations, nonfinite = time.time(), [], 0
 
     def checkpoint_now():
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or is_sharded(trained):  # sharded: every process gathers, one writes
             save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses, "settings": settings},
                             keep=args.checkpoints_total_limit)
 
