@@ -7,7 +7,7 @@ process must call a saving function of a sharded model: gathering is collective.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -48,8 +48,7 @@ def full_parameters(model: nn.Module):
         if any(is_fsdp1(m) for m in model.modules()):
             raise ValueError("the model's FSDP1 root wrapper was taken off: pass the FullyShardedDataParallel "
                              "model itself (as accelerate.prepare returned it) to save it")
-        with nullcontext():
-            yield
+        yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 

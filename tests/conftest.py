@@ -123,3 +123,12 @@ def apply_lycoris_file(pipe, path):
     network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
     assert len(network.loras) == len({k.split(".")[0] for k in weights}), "lycoris-lora skipped modules"
     return network
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (process groups, the demo's server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

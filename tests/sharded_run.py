@@ -88,30 +88,46 @@ def wrap(model, kind: str):
     return model
 
 
+def rows_of(rank: int, world: int) -> slice:
+    """This process's share of the global batch."""
+    share = BATCH // world
+    return slice(rank * share, (rank + 1) * share)
+
+
+def adapted(model_name: str, method: str, kind: str):
+    """A freshly built model (same seed every time) with the method's adapter, wrapped for ``kind``."""
+    torch.manual_seed(0)
+    model, targets = {"llama": build_llama, "unet": build_unet}[model_name]()
+    bv.add_adapter(model, dataclasses.replace(CONFIGS[method], target_modules=targets))
+    return wrap(model, kind)
+
+
+def train_step(model_name: str, model, optimizer, data, rows: slice, world: int) -> float:
+    """One optimizer step on this process's rows; the loss averaged over processes."""
+    loss = loss_of(model_name, model, data, rows)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    mean = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(mean)
+        mean /= world
+    return mean.item()
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
     losses = {}
-    data = batch()
-    share = BATCH // world
-    rows = slice(rank * share, (rank + 1) * share)
-    for model_name, build in (("llama", build_llama), ("unet", build_unet)):
-        for method, config in CONFIGS.items():
-            torch.manual_seed(0)
-            model, targets = build()
-            bv.add_adapter(model, dataclasses.replace(config, target_modules=targets))
-            model = wrap(model, kind)
-            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-            run = []
-            for _ in range(STEPS):
-                loss = loss_of(model_name, model, data, rows)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                mean = loss.detach().clone()
-                if world > 1:
-                    dist.all_reduce(mean)
-                    mean /= world
-                run.append(mean.item())
-            losses[f"{model_name}-{method}"] = run
+    data, rows = batch(), rows_of(rank, world)
+    for model_name in ("llama", "unet"):
+        for method in CONFIGS:
+            model = adapted(model_name, method, kind)
+            optimizer = torch.optim.SGD(trainable(model), lr=0.5)
+            losses[f"{model_name}-{method}"] = [train_step(model_name, model, optimizer, data, rows, world)
+                                                for _ in range(STEPS)]
             bv.save_adapter(model, out / kind / f"{model_name}-{method}")  # every process calls it
     if rank == 0:
         (out / kind / "losses.json").write_text(json.dumps(losses))
@@ -123,28 +139,15 @@ def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
     model and optimizer that load it, and the third step. Writes ``DIR/<kind>/resume.json``."""
     from boftvision.training import load_checkpoint, save_checkpoint
 
-    data = batch()
-    share = BATCH // world
-    rows = slice(rank * share, (rank + 1) * share)
+    data, rows = batch(), rows_of(rank, world)
     result = {}
     for method in ("boft", "vblora"):
         def fresh():
-            torch.manual_seed(0)
-            model, targets = build_llama()
-            bv.add_adapter(model, dataclasses.replace(CONFIGS[method], target_modules=targets))
-            model = wrap(model, kind)
-            return model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            model = adapted("llama", method, kind)
+            return model, torch.optim.Adam(trainable(model), lr=1e-2)
 
         def step(model, optimizer):
-            loss = loss_of("llama", model, data, rows)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            mean = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(mean)
-                mean /= world
-            return mean.item()
+            return train_step("llama", model, optimizer, data, rows, world)
 
         model, optimizer = fresh()
         straight = [step(model, optimizer) for _ in range(3)]

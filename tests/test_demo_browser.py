@@ -3,7 +3,6 @@ loads and shows an image, moving the slider changes the image, the path gallery 
 kept in test-artifacts/. `make setup` installs chromium and chromium-driver."""
 import io
 import shutil
-import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 import boftvision as bv
@@ -20,12 +20,6 @@ from boftvision.integrations.diffusers import UNET_PRESETS, pipeline_from_compon
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 sys.path.insert(0, str(ROOT / "demos"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ loads into an unsharded model and into PEFT; adapters cannot be added after wrap
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 import boftvision as bv
@@ -20,12 +20,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import sharded_run  # noqa: E402
 
 KINDS = ["fsdp2", "fsdp1", "ddp"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from boftvision.training import RENAMED, describe_flags, run_cli
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
-                   dest="model_name_or_path",
-                   default=None, help="the backbone (default: the one the run recorded)")
+                   dest="model_name_or_path", default=None, help="the backbone (default: the one the run recorded)")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default=None,
                    help="transformers or timm (default: the run's)")
     p.add_argument("--timm_checkpoint", default=None)

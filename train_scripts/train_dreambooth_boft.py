@@ -54,6 +54,7 @@ from boftvision.integrations.diffusers import (
     save_lycoris_file,
     save_single_file,
 )
+from boftvision.integrations.diffusers.pipeline import conditioning
 from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
 from boftvision.training import (
     LYCORIS_FILE,
@@ -236,9 +237,8 @@ def cached_by_ids(encode):
             key = tuple(row.flatten().tolist())
             if key not in cache:
                 with torch.no_grad():
-                    out = encode(row[None])
-                extra = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict) else None
-                cache[key] = (out[0][0], None if extra is None else {k: v[0] for k, v in extra.items()})
+                    context, extra = conditioning(encode(row[None]))
+                cache[key] = (context[0], None if extra is None else {k: v[0] for k, v in extra.items()})
             rows.append(cache[key])
         context = torch.stack([c for c, _ in rows])
         if rows[0][1] is None:

@@ -50,8 +50,7 @@ from boftvision.training import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
-                   dest="model_name_or_path",
-                   required=True)
+                   dest="model_name_or_path", required=True)
     p.add_argument("--task_name", choices=sorted(GLUE_TASKS), default=None,
                    help="a GLUE task name (datasets' glue config, needs the hub)")
     p.add_argument("--train_file", default=None, help="CSV/TSV/JSONL training file (instead of --task_name)")

@@ -177,8 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("command", nargs="?", choices=["train", "generate"], default="train",
                    help="train, or generate with a saved adapter")
     p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
-                   dest="model_name_or_path",
-                   required=True)
+                   dest="model_name_or_path", required=True)
     p.add_argument("--train_file", help="JSONL/CSV with prompt and response columns")
     p.add_argument("--prompt_column", default="prompt",
                    help="JSONL/CSV key of the prompt")

@@ -54,8 +54,7 @@ from boftvision.training import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", action=RENAMED,
-                   dest="model_name_or_path",
-                   default="facebook/dinov2-large")
+                   dest="model_name_or_path", default="facebook/dinov2-large")
     p.add_argument("--backbone_source", choices=["transformers", "timm"], default="transformers")
     p.add_argument("--timm_checkpoint", default=None)
     p.add_argument("--timm_kwargs", type=json.loads, default=None,

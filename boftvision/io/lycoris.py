@@ -33,7 +33,7 @@ from ..config import BOFTConfig, LoRAConfig, OFTConfig
 from ..files import atomic_file
 from ..inject import adapted_layers, adapter_configs
 from ..ops.orthogonal import skew_from_square, skew_from_upper, upper_from_skew
-from .peft import PREFIX, check_tensors, load_adapter_state
+from .peft import PREFIX, check_tensors, load_adapter_state, refuse_nonfinite
 
 PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
 LORA_KEYS = {"lora_down.weight", "lora_up.weight", "alpha"}
@@ -171,10 +171,7 @@ def save_lycoris(parts: dict[str, nn.Module], path: str | os.PathLike, name: str
     for prefix, model in parts.items():
         state.update(lycoris_state(model, prefix, name))
     if not allow_nonfinite:
-        for key, tensor in state.items():
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"not saving adapter {name!r}: {key} has non-finite values (the run diverged?); "
-                                 "pass allow_nonfinite=True to write it anyway")
+        refuse_nonfinite(state, name)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"a LyCORIS file is one .safetensors file; got {str(path)!r}")

@@ -93,11 +93,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     with full_parameters(model):
         state = {k: full_tensor(v) for k, v in adapter_state_dict(model, name).items()}
     if not allow_nonfinite:  # on every process alike (the gathered tensors are equal)
-        for key, tensor in state.items():
-            bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
-            if bad:
-                raise ValueError(f"not saving adapter {name!r}: {key} has {bad} non-finite values (the run "
-                                 "diverged?); pass allow_nonfinite=True to write it anyway")
+        refuse_nonfinite(state, name)
     if rank() != 0:  # process 0 writes (sharded: the others wait for it; DDP: they have nothing to add)
         if sharded:
             barrier()
@@ -126,6 +122,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         if sharded:
             barrier()
     return Path(path)
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse to save an adapter holding NaN/inf (naming the first such tensor): such a file breaks every
+    model it is loaded into."""
+    for key, tensor in state.items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"not saving adapter {name!r}: {key} has {bad} non-finite values (the run "
+                             "diverged?); pass allow_nonfinite=True to write it anyway")
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:

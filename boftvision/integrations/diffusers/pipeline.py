@@ -347,6 +347,14 @@ def export_merged(pipe, out_dir: str | Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
 
 
+def conditioning(encoded) -> tuple[torch.Tensor, dict | None]:
+    """(context, SDXL's added_cond_kwargs or None) from a text encoder's output: a transformers output,
+    ``(context,)``, or ``(context, added_cond_kwargs)`` (see ``sdxl.SDXLTextEncoder``)."""
+    if isinstance(encoded, tuple) and len(encoded) > 1 and isinstance(encoded[1], dict):
+        return encoded[0], encoded[1]
+    return encoded[0], None
+
+
 def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tensor, ids: torch.Tensor,
                    dtype: torch.dtype, control: torch.Tensor | None = None,
                    timesteps_as_class_labels: bool = False) -> torch.Tensor:
@@ -362,9 +370,7 @@ def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tenso
     noise = torch.randn_like(latents)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    encoded = text_encoder(ids)
-    context = encoded[0]
-    added = encoded[1] if isinstance(encoded, tuple) and len(encoded) > 1 and isinstance(encoded[1], dict) else None
+    context, added = conditioning(text_encoder(ids))
     labels = t if timesteps_as_class_labels else None
     with control_signal(unet, control) if control is not None else nullcontext():
         pred = unet(noisy, t, context, class_labels=labels, added_cond_kwargs=added).sample
