@@ -70,7 +70,7 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
 SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakref.WeakKeyDictionary()
 
 # MAC-equivalents per element of one memory-bound pass over activations, per device type (see
-# choose_side): measured on this workplace's 2-core CPU and on an H100 (benchmarks/bench_models.py,
+# choose_side): measured on a 2-core x86 CPU and on an H100 (benchmarks/bench_models.py,
 # where the weight side won on DINOv2-L and SD's UNet: an activation pass there is a handful of
 # permute/copy kernels, a GEMM runs near 800 TFLOP/s)
 PASS_COST = {"cpu": 500, "cuda": 4000}
