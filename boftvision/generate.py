@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 
 from .inject import adapter_configs, disable_adapter
 from .integrations.diffusers import (
-    EMBEDDED,
     ControlEncoder,
     attach_adapters,
+    base_model_for,
     control_signal,
     export_merged,
     image_grid,
     load_pipeline,
-    recorded_base_model,
     save_lycoris_file,
     save_single_file,
 )
@@ -178,16 +177,7 @@ def main(argv=None) -> Path:
         p.error(f"--{exports[0]} needs --adapter (what to export with --model)")
     if not (args.prompt or exports):
         p.error("give --prompt (or --export DIR, --export_single_file FILE, --export_lycoris FILE)")
-    recorded = recorded_base_model(args.adapter) if args.adapter else None
-    if args.model is None:
-        if recorded and recorded.startswith("/") and not Path(recorded).exists():
-            if Path(recorded).parts[-2:] != EMBEDDED.parts[-2:]:  # the embedded model, installed elsewhere
-                p.error(f"the adapter was trained on {recorded}, which is not on this machine: pass --model")
-            recorded = None
-        args.model = recorded or str(EMBEDDED)
-    elif recorded and str(Path(recorded)) != str(Path(args.model)):
-        warnings.warn(f"--model {args.model} differs from the base the adapter was trained on ({recorded}); "
-                      "the images will not be the run's", stacklevel=2)
+    args.model = base_model_for(args.adapter, args.model)
     dtype = torch.float16 if args.device == "cuda" and not exports else torch.float32
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
     if args.adapter:

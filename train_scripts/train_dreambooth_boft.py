@@ -369,6 +369,7 @@ def main(argv=None) -> dict:
     run = train_steps(accelerator, args, trained, [unet, *encoders.values()] if args.train_text_encoder else [unet],
                       optimizer, lr_scheduler, loader, loss_fn, validate_at if args.validation_prompt else None)
     result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
+              "instance_prompt": args.instance_prompt,
               "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if accelerator.is_main_process:

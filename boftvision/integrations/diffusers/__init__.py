@@ -13,6 +13,7 @@ from .pipeline import (
     UNET_PRESETS,
     adapter_parts,
     attach_adapters,
+    base_model_for,
     denoising_loss,
     diffusers_lora_file,
     export_merged,
@@ -34,5 +35,5 @@ __all__ = ["ControlEncoder", "control_signal", "EMBEDDED", "EMBEDDED_ADAPTER", "
            "denoising_loss", "export_merged", "frozen_pipeline", "image_grid", "load_pipeline",
            "lr_scheduler_from_args", "read_model_card", "DIFFUSERS_LORA_NAME", "diffusers_lora_file",
            "load_diffusers_lora", "save_diffusers_lora", "load_lycoris_file", "save_lycoris_file", "save_single_file",
-           "recorded_base_model", "TINY", "build_clip_tokenizer", "bytes_to_unicode", "pipeline_from_components",
-           "tiny_components"]
+           "recorded_base_model", "base_model_for", "TINY", "build_clip_tokenizer", "bytes_to_unicode",
+           "pipeline_from_components", "tiny_components"]

@@ -152,6 +152,27 @@ def recorded_base_model(adapter_dir: str | Path) -> str | None:
     return None
 
 
+def base_model_for(adapter_dir: str | Path | None, model: str | None = None) -> str:
+    """The base pipeline to load with an adapter: ``model`` when given (with a warning when the adapter
+    records another base), else the base the adapter records, else the embedded pipeline. A recorded local
+    path missing on this machine is an error naming the fix — unless it is the embedded pipeline, installed
+    elsewhere."""
+    import warnings
+
+    recorded = recorded_base_model(adapter_dir) if adapter_dir else None
+    if model is None:
+        if recorded and recorded.startswith("/") and not Path(recorded).exists():
+            if Path(recorded).parts[-2:] != EMBEDDED.parts[-2:]:
+                raise ValueError(f"the adapter was trained on {recorded}, which is not on this machine: pass "
+                                 "--pretrained_model_name_or_path")
+            recorded = None
+        return recorded or str(EMBEDDED)
+    if recorded and str(Path(recorded)) != str(Path(model)):
+        warnings.warn(f"--pretrained_model_name_or_path {model} differs from the base the adapter was trained on "
+                      f"({recorded}); the images will not be the run's", stacklevel=3)
+    return model
+
+
 def attach_adapters(pipe, adapter_dir: str | Path, name: str = "default") -> list[str]:
     """Load DIR/unet (and DIR/text_encoder) into the pipeline's modules — or a LyCORIS/kohya file
     (``lora_unet_…``/``lora_te_…``: LoRA, OFT, BOFT; see :func:`load_lycoris_file`) or a diffusers LoRA
