@@ -6,7 +6,7 @@ DB_LR ?= 1e-3
 DB_STEPS ?= 400
 DB_TARGETS ?= attention
 
-.PHONY: all setup browser needs-setup demo control-demo core-demo tiny-sd lint test test-all bench expressiveness clean
+.PHONY: all setup browser needs-setup demo compare control-demo core-demo tiny-sd lint test test-all bench expressiveness clean
 
 all: setup demo
 
@@ -41,17 +41,23 @@ demo: needs-setup
 		--num_validation_images 4 --guidance_scale 4 --output_dir $(SKS) --resume_from_checkpoint latest
 	$(BIN)/python -m boftvision.generate --adapter_path $(SKS) --prompt "a photo of sks shape" --interpolate --guidance_scale 4 \
 		--out $(SKS)/interpolation.png
+	# how often the subject comes out, and whether the 12 colour x shape prompts still do (16 seeds)
+	$(BIN)/python train_scripts/eval_dreambooth.py --adapter_path $(SKS) --num_seeds 16 --guidance_scale 4 --compare_base
+
+# LoRA, VB-LoRA, OFT and BOFT on the main job's task, each at its best learning rate: docs/diffusion.md
+compare: needs-setup
+	$(BIN)/python benchmarks/compare_dreambooth.py --output_dir outputs/compare
 
 # controllable generation on the embedded model: shape-position control, error vs base, grid
-control-demo:
+control-demo: needs-setup
 	$(BIN)/python demos/control_demo.py --output_dir outputs/tiny-position
 
 # what `make all` ran before the Stable Diffusion job: every adapter on a built-in task, one table
-core-demo:
+core-demo: needs-setup
 	$(BIN)/python demos/core_demo.py
 
 # retrain the embedded tiny pipeline (boftvision/assets/tiny-sd) from scratch
-tiny-sd:
+tiny-sd: needs-setup
 	$(BIN)/python train_scripts/train_tiny_sd.py --output_dir boftvision/assets/tiny-sd --overwrite_output_dir
 
 # the commands below need the environment `make setup` builds
@@ -64,13 +70,13 @@ lint: needs-setup
 test: needs-setup
 	$(BIN)/python -m pytest -q
 
-test-all:
+test-all: needs-setup
 	$(BIN)/python -m pytest -q -m ''
 
-bench:
+bench: needs-setup
 	$(BIN)/python benchmarks/bench_layers.py
 
-expressiveness:
+expressiveness: needs-setup
 	$(BIN)/python benchmarks/boft_expressiveness.py
 
 clean:

@@ -26,11 +26,9 @@ from .integrations.diffusers import (
     attach_adapters,
     base_model_for,
     control_signal,
-    export_merged,
+    export_run,
     image_grid,
     load_pipeline,
-    save_lycoris_file,
-    save_single_file,
 )
 from .interpolate import butterfly_interpolation, num_butterfly_components
 from .training import RENAMED, describe_flags, run_cli
@@ -178,22 +176,18 @@ def main(argv=None) -> Path:
     if not (args.prompt or exports):
         p.error("give --prompt (or --export DIR, --export_single_file FILE, --export_lycoris FILE)")
     args.model = base_model_for(args.adapter, args.model)
-    dtype = torch.float16 if args.device == "cuda" and not exports else torch.float32
-    pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
-    if args.adapter:
-        attach_adapters(pipe, args.adapter)
-    elif args.interpolate:
-        p.error("--interpolate needs --adapter")
     if exports:
-        if args.export_lycoris:  # first: the merged exports below fold the adapters into the weights
-            save_lycoris_file(pipe, args.export_lycoris)
-        if args.export_single_file:
-            save_single_file(pipe, args.export_single_file)
-        if args.export:
-            export_merged(pipe, args.export)
+        export_run(args.adapter, args.model, lycoris_file=args.export_lycoris, single_file=args.export_single_file,
+                   merged=args.export)
         for flag in exports:
             print(f"wrote {getattr(args, flag)}")
         return Path(getattr(args, exports[0]))
+    if args.interpolate and not args.adapter:
+        p.error("--interpolate needs --adapter")
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
+    if args.adapter:
+        attach_adapters(pipe, args.adapter)
     control = None
     if args.adapter and not args.control and (Path(args.adapter) / "control_encoder.json").is_file():
         warnings.warn(f"{args.adapter} holds a control encoder but no --control image was given: the images are "

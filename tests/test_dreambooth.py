@@ -90,6 +90,25 @@ def test_resume_from_latest_continues_exactly(setup, tmp_path):
         assert config["peft_type"] == "BOFT"
 
 
+def test_cache_latents_runs_the_vae_once_and_resumes_exactly(setup, tmp_path, monkeypatch):
+    """--cache_latents: the VAE encodes each batch once before training (one batch per epoch here, 12
+    steps), the loss falls, and a run resumed from step 8 equals the uninterrupted one."""
+    from diffusers import AutoencoderKL
+
+    encoded = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: encoded.append(1) or encode(self, *a, **k))
+    full = train_dreambooth_boft.main(args(setup, tmp_path / "full", "--cache_latents", "--max_train_steps", "20",
+                                           "--checkpointing_steps", "4"))
+    assert len(encoded) == 1
+    assert statistics.mean(full["losses"][-5:]) < 0.95 * statistics.mean(full["losses"][:5])
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full" / "checkpoint-8", cut / "checkpoint-8")
+    resumed = train_dreambooth_boft.main(args(setup, cut, "--cache_latents", "--max_train_steps", "20",
+                                              "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
+
+
 def test_bf16_mixed_precision_keeps_adapters_fp32(setup, tmp_path):
     result = train_dreambooth_boft.main(args(setup, tmp_path, "--max_train_steps", "3", "--mixed_precision", "bf16",
                                              "--checkpointing_steps", "100", "--train_text_encoder"))

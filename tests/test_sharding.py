@@ -88,6 +88,25 @@ def test_adapters_go_in_before_wrapping(tmp_path):
         dist.destroy_process_group()
 
 
+def test_validation_during_a_sharded_run_is_refused():
+    """The step loop refuses validation images on a sharded model (process 0 alone cannot run FSDP's
+    forward) before training, naming the fix — instead of hanging in a collective."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from boftvision.training.loop import train_steps
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        bv.add_adapter(model, bv.LoRAConfig(r=2, target_modules=["0"]))
+        fully_shard(model)
+        with pytest.raises(ValueError, match="leave out --validation_prompt"):
+            train_steps(None, None, model, [model], None, None, [], lambda batch: None, validate=lambda step: None)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_shipped_accelerate_configs_parse():
     """configs/accelerate/*.yaml read by accelerate's own loader (its FSDP launch needs GPUs: the
     scripts under it are checked on a GPU machine, see docs/distributed.md)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,13 +36,10 @@ from boftvision.integrations.diffusers import (
     ControlEncoder,
     control_signal,
     denoising_loss,
-    export_merged,
+    export_run,
     frozen_pipeline,
     image_grid,
     lr_scheduler_from_args,
-    save_diffusers_lora,
-    save_lycoris_file,
-    save_single_file,
 )
 from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
 from boftvision.training import (
@@ -262,23 +258,18 @@ def main(argv=None) -> dict:
     result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
               "trainable_parameters": counts.trainable, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
+    if args.adapter != "none":  # every process: a sharded model's adapter is gathered; process 0 writes
+        bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet)
-        if args.adapter != "none":
-            bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
-        if args.adapter == "lora":  # also diffusers' format (the UNet's LoRA; the control encoder is ours)
-            save_diffusers_lora(SimpleNamespace(unet=unet, text_encoder=None), out)
         accelerator.unwrap_model(encoder).save(out)
         if args.validation_image:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
                 result["validation"].append(str(validate_at(run.step)))
-        if args.export_format == "lycoris" and args.adapter != "none":  # for ComfyUI / AUTOMATIC1111 / kohya
-            save_lycoris_file(SimpleNamespace(unet=unet, text_encoder=None), out / LYCORIS_FILE)
-        pipe.unet = unet.eval()  # merged exports: the UNet; control signals still come from the encoder
-        if args.save_single_file and args.adapter != "none":
-            save_single_file(pipe, out / SINGLE_FILE)
-        if args.save_merged and args.adapter != "none":
-            export_merged(pipe, out / "merged")
+        if args.adapter != "none":  # exports from the saved files (the UNet's; the control encoder is ours)
+            export_run(out, args.pretrained_model_name_or_path, diffusers_lora=args.adapter == "lora",
+                       lycoris_file=out / LYCORIS_FILE if args.export_format == "lycoris" else None,
+                       single_file=out / SINGLE_FILE if args.save_single_file else None,
+                       merged=out / "merged" if args.save_merged else None)
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         save_loss_plot(out / "loss.png", run.losses)
         if args.push_to_hub:

@@ -26,7 +26,6 @@ import json
 import os
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,15 +43,13 @@ from boftvision.integrations.diffusers import (
     EMBEDDED,
     TEXT_ENCODER_PRESETS,
     UNET_PRESETS,
+    cache_latents,
     denoising_loss,
-    export_merged,
+    export_run,
     frozen_pipeline,
     image_grid,
     load_pipeline,
     lr_scheduler_from_args,
-    save_diffusers_lora,
-    save_lycoris_file,
-    save_single_file,
 )
 from boftvision.integrations.diffusers.pipeline import conditioning
 from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
@@ -155,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pass the prompt's attention mask to the text encoder")
     g.add_argument("--pre_compute_text_embeddings", action="store_true",
                    help="encode the prompts once (the text encoder is frozen: not with --train_text_encoder)")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode the images with the VAE once, before training (each keeps the crop and flip it "
+                        "was first drawn with); saves the VAE's forward pass every step")
     g.add_argument("--class_labels_conditioning", default=None, choices=["timesteps"],
                    help="pass the timesteps as class labels to UNets that have a class embedding")
     g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
@@ -326,6 +326,8 @@ def main(argv=None) -> dict:
                                 args.skip_bad_files, args.image_interpolation_mode)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=args.dataloader_num_workers)  # file order: a resumed run sees the same batches
+    if args.cache_latents:  # one pass of the VAE; then batches of latent distributions in the same order
+        loader = DataLoader(cache_latents(vae, loader, weight_dtype, accelerator.device), batch_size=None)
     diffusers_step_counts(args, len(loader), accelerator.num_processes)  # --num_train_epochs, --scale_lr, …
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
@@ -353,8 +355,9 @@ def main(argv=None) -> dict:
     encode_text = cached_by_ids(encode) if args.pre_compute_text_embeddings else encode
 
     def loss_fn(batch):
-        losses = denoising_loss(unet, vae, encode_text, noise_scheduler, batch["pixels"], batch["ids"], weight_dtype,
-                                timesteps_as_class_labels=args.class_labels_conditioning == "timesteps")
+        losses = denoising_loss(unet, vae, encode_text, noise_scheduler, batch.get("pixels"), batch["ids"],
+                                weight_dtype, timesteps_as_class_labels=args.class_labels_conditioning == "timesteps",
+                                latents=batch.get("latents"))
         if args.with_prior_preservation:  # instance half, class half
             instance, prior = losses.chunk(2)
             return instance.mean() + args.prior_loss_weight * prior.mean()
@@ -372,29 +375,20 @@ def main(argv=None) -> dict:
               "instance_prompt": args.instance_prompt,
               "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
+    # every process: a sharded model's adapter is gathered (collective); process 0 writes
+    bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
+    if args.train_text_encoder:
+        for part, encoder in encoders.items():
+            bv.save_adapter(encoder, out / part, peft_compatible=args.peft_compatible)
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet)
-        encoders = {part: accelerator.unwrap_model(m) for part, m in encoders.items()}
-        adapted = SimpleNamespace(unet=unet, **{part: m if args.train_text_encoder else None
-                                               for part, m in encoders.items()})  # the parts with adapters
-        bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
-        if args.train_text_encoder:
-            for part, encoder in encoders.items():
-                bv.save_adapter(encoder, out / part, peft_compatible=args.peft_compatible)
-        if args.adapter == "lora":  # also diffusers' format: pipe.load_lora_weights(output_dir)
-            save_diffusers_lora(adapted, out)
         if args.validation_prompt:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
                 result["validation"].append(str(validate_at(run.step)))
-        if args.export_format == "lycoris":  # one file for ComfyUI / AUTOMATIC1111 / kohya
-            save_lycoris_file(adapted, out / LYCORIS_FILE)
-        pipe.unet = unet.eval()
-        for part, encoder in encoders.items():
-            setattr(pipe, part, encoder.eval())
-        if args.save_single_file:  # merged, original SD layout: AUTOMATIC1111 / ComfyUI checkpoints
-            save_single_file(pipe, out / SINGLE_FILE)
-        if args.save_merged:  # a plain pipeline folder any diffusers user loads (adapters merged, removed)
-            export_merged(pipe, out / "merged")
+        # exports from the saved files on a fresh base pipeline: the same under sharding as in one process
+        export_run(out, args.pretrained_model_name_or_path, diffusers_lora=args.adapter == "lora",
+                   lycoris_file=out / LYCORIS_FILE if args.export_format == "lycoris" else None,
+                   single_file=out / SINGLE_FILE if args.save_single_file else None,
+                   merged=out / "merged" if args.save_merged else None, **load_options(args))
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         save_loss_plot(out / "loss.png", run.losses)
         if args.push_to_hub:

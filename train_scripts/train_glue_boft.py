@@ -170,28 +170,25 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
                 optimizer.zero_grad(set_to_none=True)
                 running += loss.item()
                 progress.update(1)
-                if stop.signal:  # a mid-epoch checkpoint, then exit
-                    if accelerator.is_main_process:
-                        save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
-                                        extra={"epoch": epoch, "history": history, "settings": run_settings(args),
-                                               "partial": batches.state(loss_sum=running)})
+                if stop.signal:  # a mid-epoch checkpoint (every process: process 0 writes), then exit
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
+                                    extra={"epoch": epoch, "history": history, "settings": run_settings(args),
+                                           "partial": batches.state(loss_sum=running)})
                     exit_for_signal(stop, accelerator, progress.n, run_dir / f"checkpoint-{progress.n}", progress)
             metrics = evaluate(model, eval_loader, accelerator, regression)
             history.append({"epoch": epoch + 1, "train_loss": running / max(1, len(train_loader)), **metrics})
             progress.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
             accelerator.log({f"seed{seed}/{k}": v for k, v in history[-1].items() if k != "epoch"}, step=epoch + 1)
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                                (epoch + 1) * steps_per_epoch,
-                                extra={"epoch": epoch + 1, "history": history, "settings": run_settings(args)},
-                                keep=args.checkpoints_total_limit)
+            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,  # every process
+                            (epoch + 1) * steps_per_epoch,
+                            extra={"epoch": epoch + 1, "history": history, "settings": run_settings(args)},
+                            keep=args.checkpoints_total_limit)
     progress.close()
     result = {"seed": seed, "final": history[-1], "history": history, "trainable": counts.trainable,
               "stored": counts.stored}
+    if args.adapter != "none":  # every process (sharded: gathered), process 0 writes
+        bv.save_adapter(accelerator.unwrap_model(model), run_dir / "adapter")
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if args.adapter != "none":
-            bv.save_adapter(unwrapped, run_dir / "adapter")
         write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2))
     return result
 

@@ -136,11 +136,10 @@ def train(args) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
                 extra = {"losses": losses, "settings": run_settings(args), "epoch": epoch, "partial": batches.state()}
-                if stop.signal:  # a checkpoint at this step, then exit
-                    if accelerator.is_main_process:
-                        save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, extra)
+                if stop.signal:  # a checkpoint at this step (every process: process 0 writes), then exit
+                    save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, extra)
                     exit_for_signal(stop, accelerator, step, out / f"checkpoint-{step}", progress)
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, extra,
                                     keep=args.checkpoints_total_limit)
                 if step >= total:

@@ -29,6 +29,7 @@ from boftvision.data.vtab import GROUPS, TASKS, VTABDataset
 from boftvision.files import write_text_atomic
 from boftvision.integrations.dinov2 import PRESETS, Dinov2Classifier, add_classifier_adapter, load_backbone
 from boftvision.metrics.classification import top1_accuracy
+from boftvision.sharding import full_tensor
 from boftvision.training import (
     RENAMED,
     EpochBatches,
@@ -138,15 +139,14 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
                 epoch_loss += loss.item()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")
-                if stop.signal:  # a mid-epoch checkpoint, then exit
-                    if accelerator.is_main_process:
-                        save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
-                                        extra={"epoch": epoch, "losses": losses, "settings": run_settings(args),
-                                               "partial": batches.state(loss_sum=epoch_loss)})
+                if stop.signal:  # a mid-epoch checkpoint (every process: process 0 writes), then exit
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
+                                    extra={"epoch": epoch, "losses": losses, "settings": run_settings(args),
+                                           "partial": batches.state(loss_sum=epoch_loss)})
                     exit_for_signal(stop, accelerator, progress.n, run_dir / f"checkpoint-{progress.n}", progress)
             losses.append(epoch_loss / max(1, len(train_loader)))
             accelerator.log({f"{task}/seed{seed}/loss": losses[-1]}, step=epoch)
-            if (epoch + 1) % args.checkpointing_epochs == 0 and accelerator.is_main_process:
+            if (epoch + 1) % args.checkpointing_epochs == 0:  # every process: a sharded model is gathered
                 save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
                                 (epoch + 1) * steps_per_epoch,
                                 extra={"epoch": epoch + 1, "losses": losses, "settings": run_settings(args)},
@@ -159,11 +159,11 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
               "num_classes": train_set.num_classes, "image_size": args.image_size,
               "backbone": {"model_name_or_path": args.model_name_or_path, "backbone_source": args.backbone_source,
                            "timm_checkpoint": args.timm_checkpoint, "timm_kwargs": args.timm_kwargs}}
+    unwrapped = accelerator.unwrap_model(model)
+    bv.save_adapter(unwrapped.backbone, run_dir / "adapter")  # every process (sharded: gathered), process 0 writes
+    head = {k: full_tensor(v).contiguous() for k, v in unwrapped.head.state_dict().items()}
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        bv.save_adapter(unwrapped.backbone, run_dir / "adapter")
-        save_file({k: v.contiguous().cpu() for k, v in unwrapped.head.state_dict().items()},
-                  str(run_dir / "head.safetensors"))
+        save_file(head, str(run_dir / "head.safetensors"))
         write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2))
     return result
 

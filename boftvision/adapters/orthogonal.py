@@ -19,9 +19,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import BOFTConfig, OFTConfig
+from ..ops.block_kernel import block_rotate
 from ..ops.orthogonal import (
     apply_dropout_mask,
-    apply_factor,
     apply_two_product,
     butterfly_apply,
     butterfly_span,
@@ -211,9 +211,10 @@ class OrthogonalAdapter(Adapter):
             n_low = self.width * low_width
             low = operand[:n_low].reshape(-1, low_width, low_width).to(x.dtype)
             high = operand[n_low:].reshape(-1, high_width, high_width).to(x.dtype)
-            return apply_two_product(x, low, high, m, b, transpose=transpose)
-        if self.collapse:
-            return apply_factor(x, (operand.transpose(-1, -2) if transpose else operand).to(x.dtype), 0)
+            return apply_two_product(x, low, high, m, b, transpose=transpose, product=block_rotate)
+        if self.collapse or self.n_factors == 1:  # one block-diagonal matrix: the fused kernel on GPU
+            blocks = operand if self.collapse else operand[0]
+            return block_rotate(x, (blocks.transpose(-1, -2) if transpose else blocks).to(x.dtype))
         return butterfly_apply(x, operand.to(x.dtype), transpose=transpose)
 
     def rotated_weight(self, base: nn.Module, operand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

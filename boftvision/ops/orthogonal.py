@@ -284,11 +284,17 @@ def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return low, high.reshape(segments * c_low, width, width)
 
 
+def block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ blockdiag(blocks)``: x (..., N·b), blocks (N, b, b) — the einsum reference."""
+    return apply_factor(x, blocks, 0)
+
+
 def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | None, n_factors: int,
-                      block_size: int, transpose: bool = False) -> torch.Tensor:
-    """``x @ R`` (``x @ Rᵀ``) from :func:`two_product_operands`: x: (..., d)."""
+                      block_size: int, transpose: bool = False, product=block_product) -> torch.Tensor:
+    """``x @ R`` (``x @ Rᵀ``) from :func:`two_product_operands`: x: (..., d). ``product(v, blocks)``
+    multiplies by a block-diagonal matrix (the fused kernel, ``ops.block_kernel.block_rotate``, on GPU)."""
     if high is None:
-        return apply_factor(x, low.transpose(-1, -2) if transpose else low, 0)
+        return product(x, low.transpose(-1, -2) if transpose else low)
     k, half = two_product_split(n_factors), block_size // 2
     lead, d = x.shape[:-1], x.shape[-1]
     c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
@@ -296,9 +302,9 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
 
     def high_product(v, blocks):
         v = v.reshape(*lead, segments, c_high, c_low, half).transpose(-3, -2)
-        v = torch.einsum("...gk,gkc->...gc", v.reshape(*lead, segments * c_low, c_high * half), blocks)
+        v = product(v.reshape(*lead, d), blocks)  # (segments·c_low) blocks of c_high·half
         return v.reshape(*lead, segments, c_low, c_high, half).transpose(-3, -2).reshape(*lead, d)
 
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ
-        return high_product(apply_factor(x, low.transpose(-1, -2), 0), high.transpose(-1, -2))
-    return apply_factor(high_product(x, high), low, 0)
+        return high_product(product(x, low.transpose(-1, -2)), high.transpose(-1, -2))
+    return product(high_product(x, high), low)

@@ -252,6 +252,10 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
     """
     from tqdm.auto import tqdm
 
+    if validate is not None and is_sharded(trained):  # process 0 alone cannot run a sharded model's forward
+        raise ValueError("validation images during a sharded (FSDP) run are not supported: leave out "
+                         "--validation_prompt / --validation_image and draw from the saved adapter afterwards "
+                         "(python -m boftvision.generate --adapter_path OUTPUT_DIR --prompt …)")
     out = Path(args.output_dir)
     step, losses = 0, []
     settings = run_settings(args)
@@ -267,9 +271,9 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
     start, validations, nonfinite = time.time(), [], 0
 
     def checkpoint_now():
-        if accelerator.is_main_process or is_sharded(trained):  # sharded: every process gathers, one writes
-            save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses, "settings": settings},
-                            keep=args.checkpoints_total_limit)
+        # every process: a sharded model is gathered (collective); process 0 writes
+        save_checkpoint(out, trained, optimizer, scheduler, step, {"losses": losses, "settings": settings},
+                        keep=args.checkpoints_total_limit)
 
     with StopSignals() as stop:
         while step < args.max_train_steps:

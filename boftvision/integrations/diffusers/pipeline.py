@@ -358,6 +358,33 @@ def _lora_config_and_tensors(state: dict, alphas: dict, metadata: dict, part: st
     return config, tensors
 
 
+def export_run(run_dir: str | Path, base: str | Path, diffusers_lora: bool = False,
+               lycoris_file: str | Path | None = None, single_file: str | Path | None = None,
+               merged: str | Path | None = None, **load_kwargs) -> list[Path]:
+    """A finished run's exports, made from its saved adapter files on a fresh copy of the base pipeline
+    (CPU, float32; ``load_kwargs`` as :func:`load_pipeline` takes them): diffusers' LoRA layout in
+    ``run_dir``, a LyCORIS file, a merged single-file checkpoint, a merged pipeline folder. From the
+    files rather than the training modules, so a sharded (FSDP) run exports what a single process does,
+    and every export holds exactly what was saved. Returns the paths written."""
+    from ...io.single_file import save_single_file
+
+    if not (diffusers_lora or lycoris_file or single_file or merged):
+        return []
+    pipe = load_pipeline(base, **load_kwargs)
+    attach_adapters(pipe, run_dir)
+    written = []
+    if diffusers_lora:
+        written.append(save_diffusers_lora(pipe, run_dir))
+    if lycoris_file:  # before the merged exports, which fold the adapters into the weights
+        written.append(save_lycoris_file(pipe, lycoris_file))
+    if single_file:
+        written.append(save_single_file(pipe, single_file))
+    if merged:
+        export_merged(pipe, merged)
+        written.append(Path(merged))
+    return written
+
+
 def export_merged(pipe, out_dir: str | Path) -> None:
     """Merge the active adapters into the weights and ``save_pretrained`` a plain pipeline (written
     whole: a temporary sibling, then a rename); ``StableDiffusionPipeline.from_pretrained`` loads it."""
@@ -376,18 +403,22 @@ def conditioning(encoded) -> tuple[torch.Tensor, dict | None]:
     return encoded[0], None
 
 
-def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tensor, ids: torch.Tensor,
+def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tensor | None, ids: torch.Tensor,
                    dtype: torch.dtype, control: torch.Tensor | None = None,
-                   timesteps_as_class_labels: bool = False) -> torch.Tensor:
+                   timesteps_as_class_labels: bool = False, latents: dict | None = None) -> torch.Tensor:
     """Per-example MSE of the UNet's noise (or v) prediction at random timesteps: the training loss of
     DreamBooth and of the control script. ``text_encoder``: the model, or any ``ids → (context,)`` — or
     ``(context, added_cond_kwargs)`` for SDXL's UNet (see ``sdxl.SDXLTextEncoder``); ``control``:
     features added after ``conv_in``; ``timesteps_as_class_labels``: diffusers'
-    ``--class_labels_conditioning timesteps``."""
+    ``--class_labels_conditioning timesteps``; ``latents``: the VAE's distribution of the images, cached
+    by :func:`cache_latents` (``pixels`` is then not needed)."""
     import torch.nn.functional as F
 
-    with torch.no_grad():
-        latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+    if latents is None:
+        with torch.no_grad():
+            latents = vae_distribution(vae, pixels, dtype)
+    std = latents["std"]  # a fresh sample each step, drawn as diffusers' latent_dist.sample() draws it
+    latents = latents["mean"] + std * torch.randn(std.shape, dtype=std.dtype, device=std.device)
     noise = torch.randn_like(latents)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -398,6 +429,28 @@ def denoising_loss(unet, vae, text_encoder, noise_scheduler, pixels: torch.Tenso
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, t)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def vae_distribution(vae, pixels: torch.Tensor, dtype: torch.dtype) -> dict:
+    """The VAE's latent distribution of ``pixels``, scaled as the UNet sees latents: {"mean", "std"}."""
+    dist = vae.encode(pixels.to(dtype)).latent_dist
+    return {"mean": dist.mean * vae.config.scaling_factor, "std": dist.std * vae.config.scaling_factor}
+
+
+@torch.no_grad()
+def cache_latents(vae, loader, dtype: torch.dtype, device: torch.device | str) -> list[dict]:
+    """diffusers' ``--cache_latents``: every batch of ``loader`` encoded once — the VAE's distribution of
+    its images (on CPU), kept with its other fields in place of the pixels; training then samples from
+    each distribution instead of running the VAE. The loader's order must be fixed (each cached batch
+    keeps the crop and flip it was drawn with, as in diffusers)."""
+    from tqdm.auto import tqdm
+
+    batches = []
+    for batch in tqdm(loader, desc="caching latents", leave=False):
+        latents = vae_distribution(vae, batch["pixels"].to(device), dtype)
+        batches.append({**{k: v for k, v in batch.items() if k != "pixels"},
+                        "latents": {k: v.cpu() for k, v in latents.items()}})
+    return batches
 
 
 def image_grid(images, cols: int, min_cell: int = 128):

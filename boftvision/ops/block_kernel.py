@@ -1,0 +1,146 @@
+"""The collapsed BOFT/OFT rotation ``y = x @ blockdiag(R_0 … R_{N−1})`` as fused Triton kernels.
+
+Forward: one read of x, one write of y. Backward, in one kernel: the input gradient ``dx = dy Rᵀ`` and the
+blocks' gradient ``dR_n = Σ_t x_tnᵀ dy_tn`` (accumulated over tokens in fp32: per-program partial sums,
+added up afterwards in a fixed order, so the result is deterministic) — one read of x and dy. Registered
+as the ``torch.library`` custom op ``boftvision::block_rotate`` with fake implementations and autograd,
+so ``torch.compile`` keeps it in its graph.
+
+:func:`block_rotate` takes any ``(..., N·b)`` activations (non-contiguous, 3-D/4-D, any token count) and
+``(N, b, b)`` blocks. It runs the kernels on CUDA tensors (or on CPU under Triton's interpreter,
+``TRITON_INTERPRET=1``, as the tests do; fp32/fp16 there) when ``b`` is 8, 16, 32 or 64 and the dtype is
+fp32/fp16/bf16;
+every other case goes to the einsum reference (``apply_factor(x, blocks, 0)``), never to a wrong result.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .orthogonal import apply_factor
+
+BLOCK_SIZES = (8, 16, 32, 64)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = os.environ.get("BOFTVISION_KERNELS", "1") != "0"  # BOFTVISION_KERNELS=0: reference path only
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch builds without Triton
+    triton = None
+
+
+def supported(x: torch.Tensor, blocks: torch.Tensor) -> bool:
+    """Whether the kernels take this call (else :func:`block_rotate` uses the reference)."""
+    n, b, _ = blocks.shape
+    interpreted = INTERPRET and x.device.type == "cpu"  # the interpreter computes bf16 wrongly (numpy has none)
+    return (triton is not None and ENABLED and (x.is_cuda or interpreted)
+            and b in BLOCK_SIZES and x.dtype in (DTYPES[:2] if interpreted else DTYPES) and blocks.dtype == x.dtype
+            and x.shape[-1] == n * b and x.device == blocks.device and x.numel() > 0)
+
+
+def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ blockdiag(blocks)``: x (..., N·b), blocks (N, b, b) of x's dtype."""
+    if not supported(x, blocks):
+        return apply_factor(x, blocks, 0)
+    lead = x.shape[:-1]
+    y = _block_rotate(x.reshape(-1, x.shape[-1]).contiguous(), blocks.contiguous())
+    return y.reshape(*lead, x.shape[-1])
+
+
+if triton is not None:
+    @triton.jit
+    def _forward_kernel(x_ptr, r_ptr, y_ptr, tokens, width, B: tl.constexpr, BLOCK_T: tl.constexpr,
+                        USE_DOT: tl.constexpr):
+        tile, n = tl.program_id(0), tl.program_id(1)
+        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, B)
+        inside = rows[:, None] < tokens
+        offsets = rows[:, None] * width + n * B + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        r = tl.load(r_ptr + n * B * B + cols[:, None] * B + cols[None, :])
+        if USE_DOT:
+            y = tl.dot(x, r, input_precision="ieee", out_dtype=tl.float32)
+        else:  # blocks narrower than the tensor cores' 16
+            y = tl.sum(x.to(tl.float32)[:, :, None] * r.to(tl.float32)[None, :, :], axis=1)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _backward_kernel(x_ptr, r_ptr, dy_ptr, dx_ptr, partial_ptr, tokens, width, n_blocks, tiles,
+                         B: tl.constexpr, BLOCK_T: tl.constexpr, USE_DOT: tl.constexpr):
+        program, n = tl.program_id(0), tl.program_id(1)
+        programs = tl.num_programs(0)
+        cols = tl.arange(0, B)
+        r = tl.load(r_ptr + n * B * B + cols[:, None] * B + cols[None, :])
+        grad_r = tl.zeros((B, B), dtype=tl.float32)
+        for tile in range(program, tiles, programs):
+            rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            inside = rows[:, None] < tokens
+            offsets = rows[:, None] * width + n * B + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+            dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0)
+            if USE_DOT:
+                dx = tl.dot(dy, tl.trans(r), input_precision="ieee", out_dtype=tl.float32)
+                grad_r += tl.dot(tl.trans(x), dy, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                dyf, xf, rf = dy.to(tl.float32), x.to(tl.float32), r.to(tl.float32)
+                dx = tl.sum(dyf[:, None, :] * rf[None, :, :], axis=2)
+                grad_r += tl.sum(xf[:, :, None] * dyf[:, None, :], axis=0)
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        tl.store(partial_ptr + (program * n_blocks + n) * B * B + cols[:, None] * B + cols[None, :], grad_r)
+
+
+def _launch_shape(x: torch.Tensor, b: int) -> tuple[int, bool]:
+    """Tokens per tile, and whether to use tl.dot (tensor cores need 16-wide blocks; the interpreter
+    computes either way)."""
+    return (64 if b <= 32 else 32), b >= 16
+
+
+@torch.library.custom_op("boftvision::block_rotate", mutates_args=())
+def _block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    tokens, width = x.shape
+    b = blocks.shape[-1]
+    y = torch.empty_like(x)
+    block_t, use_dot = _launch_shape(x, b)
+    grid = (triton.cdiv(tokens, block_t), width // b)
+    _forward_kernel[grid](x, blocks, y, tokens, width, B=b, BLOCK_T=block_t, USE_DOT=use_dot)
+    return y
+
+
+@_block_rotate.register_fake
+def _(x, blocks):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("boftvision::block_rotate_backward", mutates_args=())
+def _block_rotate_backward(x: torch.Tensor, blocks: torch.Tensor,
+                           dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, width = x.shape
+    n, b, _ = blocks.shape
+    block_t, use_dot = _launch_shape(x, b)
+    tiles = triton.cdiv(tokens, block_t)
+    programs = min(tiles, 64)
+    dx = torch.empty_like(x)
+    partial = torch.empty(programs, n, b, b, device=x.device, dtype=torch.float32)
+    _backward_kernel[(programs, n)](x, blocks, dy, dx, partial, tokens, width, n, tiles, B=b, BLOCK_T=block_t,
+                                    USE_DOT=use_dot)
+    return dx, partial.sum(0).to(blocks.dtype)
+
+
+@_block_rotate_backward.register_fake
+def _(x, blocks, dy):
+    return torch.empty_like(x), torch.empty_like(blocks)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    x, blocks = ctx.saved_tensors
+    return _block_rotate_backward(x, blocks, dy.contiguous())
+
+
+_block_rotate.register_autograd(_backward, setup_context=_setup_context)
