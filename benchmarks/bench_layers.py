@@ -101,6 +101,21 @@ def time_step(model, x, device, iters, warmup, train=True):
     return statistics.median(times) * 1000, peak
 
 
+def saved_mib(model, x) -> float:
+    """MiB of the tensors one training forward keeps for the backward (distinct storages): what a step
+    holds beyond the weights at its peak, on any device (CUDA's allocator peak is the other column)."""
+    storages = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(x.detach().requires_grad_(True)).float().square().mean()
+    return sum(storages.values()) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -117,14 +132,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     print(f"device={device} dtype={args.dtype} tokens={args.tokens} layers={args.layers} torch={torch.__version__}")
-    print("| width | model | step ms | × frozen | peak GiB |")
-    print("|---|---|---|---|---|")
+    print("| width | model | step ms | × frozen | saved for backward MiB | CUDA peak GiB |")
+    print("|---|---|---|---|---|---|")
     for width in args.widths:
         targets = [str(i) for i in range(args.layers)]
         base = stack(width, args.layers).to(device, dtype).requires_grad_(False)
         x = torch.randn(args.tokens, width, device=device, dtype=dtype)
         frozen, peak = time_step(base, x, device, args.iters, args.warmup)
-        rows = [("frozen base", frozen, peak)]
+        rows = [("frozen base", frozen, saved_mib(base, x), peak)]
         candidates = [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets, width)))
                       for k in OUR_CONFIGS]
         try:
@@ -149,7 +164,7 @@ def main() -> None:
         for label, build in candidates:
             model = build().to(device)
             ms, peak = time_step(model, x, device, args.iters, args.warmup)
-            rows.append((label, ms, peak))
+            rows.append((label, ms, saved_mib(model, x), peak))
             del model
         # merged inference equals base inference
         merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets, width))
@@ -158,10 +173,11 @@ def main() -> None:
         merge_ms = (time.perf_counter() - start) * 1000
         base_inf, _ = time_step(base, x, device, args.iters, args.warmup, train=False)
         merged_inf, _ = time_step(merged, x, device, args.iters, args.warmup, train=False)
-        rows.append(("base forward (inference)", base_inf, float("nan")))
-        rows.append((f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)", merged_inf, float("nan")))
-        for label, ms, peak in rows:
-            print(f"| {width} | {label} | {ms:.2f} | {ms / frozen:.2f} | {peak:.2f} |")
+        nan = float("nan")
+        rows.append(("base forward (inference)", base_inf, nan, nan))
+        rows.append((f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)", merged_inf, nan, nan))
+        for label, ms, saved, peak in rows:
+            print(f"| {width} | {label} | {ms:.2f} | {ms / frozen:.2f} | {saved:.0f} | {peak:.2f} |")
 
 
 if __name__ == "__main__":

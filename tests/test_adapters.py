@@ -328,6 +328,31 @@ def test_batched_rotations_equal_per_layer_ones(net, inputs, method):
         torch.testing.assert_close(shared.fc1(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("orientation", ["input", "output"])
+def test_deep_butterflies_batch_across_layers(orientation):
+    """Full butterflies (two block products) of layers of different widths get their rotations from one
+    batched computation: same outputs and gradients as layer by layer."""
+    torch.manual_seed(0)
+    shared = nn.Sequential(nn.Linear(128, 256), nn.Tanh(), nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 128))
+    bv.add_adapter(shared, bv.BOFTConfig(block_size=4, n_butterfly_factor=6, init_weights=False,
+                                         orientation=orientation, target_modules=["0", "2", "4"]))
+    adapters = [shared[i].adapters["default"] for i in (0, 2, 4)]
+    assert all(a.two_product for a in adapters)
+    alone = copy.deepcopy(shared)
+    alone._forward_pre_hooks.clear()
+    seen = []
+    shared[2].register_forward_pre_hook(lambda *_: seen.append(SHARED_ROTATIONS.get(adapters[1])))
+    x = torch.randn(5, 128)
+    results = []
+    for model in (shared, alone):
+        out = model(x)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert seen[0] is not None  # the batch ran
+
+
 def test_compiled_model_equals_eager(net, inputs):
     """torch.compile'd BOFT (the fused path: per-layer kernels fused by inductor, no batched hook)
     equals the eager path, outputs and gradients."""
@@ -433,13 +458,14 @@ def test_deep_butterflies_run_as_two_block_products(orientation):
         torch.testing.assert_close(run_both(fast), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_two_block_products_in_bf16_and_on_conv1d():
-    """The two-product path keeps a bf16 model's dtype and agrees with the factor-by-factor path to bf16
-    precision; transformers' Conv1D (GPT-2) takes it like a Linear."""
+def test_two_block_products_in_bf16_fp16_and_on_conv1d():
+    """The two-product path keeps a bf16 / fp16 model's dtype and agrees with the factor-by-factor path to
+    that precision; transformers' Conv1D (GPT-2) takes it like a Linear."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
     for net, x in ((nn.Sequential(nn.Linear(128, 128)).to(torch.bfloat16), torch.randn(4, 128, dtype=torch.bfloat16)),
+                   (nn.Sequential(nn.Linear(128, 128)).to(torch.float16), torch.randn(4, 128, dtype=torch.float16)),
                    (nn.Sequential(Conv1D(128, 128)), torch.randn(4, 128))):
         config = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, init_weights=False, target_modules=["0"])
         fast = bv.add_adapter(copy.deepcopy(net), config)
@@ -449,5 +475,5 @@ def test_two_block_products_in_bf16_and_on_conv1d():
         with torch.no_grad():
             got, expected = fast(x), slow(x)
         assert got.dtype == x.dtype
-        tolerance = 0.03 if x.dtype == torch.bfloat16 else 1e-5
+        tolerance = {torch.bfloat16: 0.03, torch.float16: 5e-3}.get(x.dtype, 1e-5)
         torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)

@@ -325,7 +325,8 @@ def rotation_operands(group: list[OrthogonalAdapter]) -> list[torch.Tensor]:
     parameters, one batched Cayley transform, dropout, interpolation and collapse, then one split.
 
     Works because every step is blockwise along the block axis, and a layer's width is a multiple of the
-    collapsed span, so no butterfly segment straddles two layers. fp32 throughout (autocast off).
+    butterfly's span, so no butterfly segment straddles two layers — for the two block products too
+    (each layer gets its slice of the low and of the high blocks). fp32 throughout (autocast off).
     """
     first = group[0]
     masks = [a.dropout_mask() for a in group]
@@ -344,6 +345,13 @@ def rotation_operands(group: list[OrthogonalAdapter]) -> list[torch.Tensor]:
         return [operand]
     if first.collapse:  # (Σ d/span, span, span)
         return list(operand.split([a.width // operand.shape[-1] for a in group], dim=0))
+    if first.two_product:  # [low blocks of every layer, high blocks of every layer], flat: width·B each
+        k = two_product_split(first.n_factors)
+        low_width, high_width = first.block_size * 2 ** k, first.block_size * 2 ** (first.n_factors - k - 2)
+        n_low = sum(a.width for a in group) * low_width
+        lows = operand[:n_low].split([a.width * low_width for a in group])
+        highs = operand[n_low:].split([a.width * high_width for a in group])
+        return [torch.cat([low, high]) for low, high in zip(lows, highs)]
     return list(operand.split([a.block_num for a in group], dim=1))  # (m, Σ N, b, b)
 
 
@@ -371,7 +379,7 @@ def share_rotations(adapters: list[OrthogonalAdapter]) -> None:
         return
     groups = defaultdict(list)
     for adapter in adapters:
-        if is_whole(adapter) and not adapter.two_product:  # two-product operands are computed per layer
+        if is_whole(adapter):
             groups[adapter.batch_key()].append(adapter)
     for group in groups.values():
         if len(group) < 2:
