@@ -65,7 +65,7 @@ def train_and_score(out: Path, adapter_flags: list[str], lr: float, prior: bool,
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/compare")
-    p.add_argument("--learning_rates", default="3e-4,1e-3,3e-3", help="the sweep, comma-separated")
+    p.add_argument("--learning_rates", default="5e-4,1e-3,2e-3", help="the sweep, comma-separated")
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="which rows (names as in the table)")
     p.add_argument("--max_train_steps", type=int, default=400)
     p.add_argument("--num_seeds", type=int, default=16)

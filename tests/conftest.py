@@ -95,15 +95,20 @@ def accelerate_launch_two_cpu_processes(script, script_args) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.fixture(scope="session")
-def instance(tmp_path_factory):
-    """Two images of the bundled DreamBooth subject (32 px): an --instance_data_dir."""
+def write_instance_images(folder, n: int = 2):
+    """``n`` views of the bundled DreamBooth subject (32 px) saved as 0.png, 1.png, … in ``folder``."""
     from boftvision.data.shapes import instance_images
 
-    folder = tmp_path_factory.mktemp("instance")
-    for i, image in enumerate(instance_images(2, 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(instance_images(n, 32)):
         image.save(folder / f"{i}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def instance(tmp_path_factory):
+    """Two images of the bundled DreamBooth subject: an --instance_data_dir."""
+    return write_instance_images(tmp_path_factory.mktemp("instance"))
 
 
 # --- lycoris-lora, the reference LyCORIS implementation (ComfyUI/AUTOMATIC1111/kohya's format) -------

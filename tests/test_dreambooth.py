@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes
+from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes, write_instance_images
 
 import boftvision as bv
 from boftvision.adapters import METHODS
 from boftvision.data.dreambooth import tokenize
-from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
+from boftvision.data.shapes import INSTANCE_PROMPT
 from boftvision.generate import interpolation_path, set_identity_components
 from boftvision.integrations.diffusers import TEXT_ENCODER_PRESETS, UNET_PRESETS, attach_adapters, load_pipeline
 
@@ -27,9 +27,7 @@ import train_dreambooth_boft  # noqa: E402
 def setup(tmp_path_factory, tiny_sd):
     root = tmp_path_factory.mktemp("dreambooth")
     (root / "model").symlink_to(tiny_sd, target_is_directory=True)
-    (root / "instance").mkdir()
-    for i, image in enumerate(instance_images(3, 32)):
-        image.save(root / "instance" / f"{i}.png")
+    write_instance_images(root / "instance", 3)
     return root
 
 
@@ -233,3 +231,4 @@ def test_lycoris_export_of_input_side_boft_stops_before_training(setup, tmp_path
         train_dreambooth_boft.main(args(setup, tmp_path / "run", "--adapter", "boft", "--max_train_steps", "2",
                                         "--export_format", "lycoris"))
     assert not (tmp_path / "run" / "checkpoint-2").exists()
+

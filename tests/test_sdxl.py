@@ -15,7 +15,7 @@ from PIL import Image
 
 import boftvision as bv
 from boftvision.adapters import METHODS
-from boftvision.data.shapes import INSTANCE_PROMPT, WORDS, instance_images
+from boftvision.data.shapes import INSTANCE_PROMPT, WORDS
 from boftvision.generate import generate, interpolation_path
 from boftvision.integrations.diffusers import attach_adapters, denoising_loss, load_pipeline
 from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl, tiny_sdxl_components
@@ -24,7 +24,7 @@ from boftvision.integrations.diffusers.tiny import build_clip_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
 import train_dreambooth_boft  # noqa: E402
-from conftest import SD_ADAPTER_SIZES  # noqa: E402
+from conftest import SD_ADAPTER_SIZES, write_instance_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,7 @@ def sdxl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
     StableDiffusionXLPipeline(**tiny_sdxl_components(build_clip_tokenizer(WORDS, 16))).save_pretrained(
         str(root / "model"))
-    (root / "instance").mkdir()
-    for i, image in enumerate(instance_images(3, 32)):
-        image.save(root / "instance" / f"{i}.png")
+    write_instance_images(root / "instance", 3)
     return root
 
 

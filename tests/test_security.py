@@ -193,12 +193,11 @@ def test_an_output_dir_holding_another_run_is_refused(tmp_path):
 def test_dreambooth_refuses_to_mix_with_an_earlier_run(tmp_path, tiny_sd):
     sys.path.insert(0, str(ROOT / "train_scripts"))
     import train_dreambooth_boft
+    from conftest import write_instance_images
 
-    from boftvision.data.shapes import INSTANCE_PROMPT, instance_images
+    from boftvision.data.shapes import INSTANCE_PROMPT
 
-    (tmp_path / "instance").mkdir()
-    for i, image in enumerate(instance_images(2, 32)):
-        image.save(tmp_path / "instance" / f"{i}.png")
+    write_instance_images(tmp_path / "instance")
     out = tmp_path / "out"
     common = ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
               "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out), "--max_train_steps", "1",

@@ -300,9 +300,12 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
     c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
     segments = d // (c_high * c_low * half)
 
-    def high_product(v, blocks):
-        v = v.reshape(*lead, segments, c_high, c_low, half).transpose(-3, -2)
-        v = product(v.reshape(*lead, d), blocks)  # (segments·c_low) blocks of c_high·half
+    def high_product(v, blocks):  # (segments·c_low) blocks of c_high·half, on the coordinates (s, j, l, h)
+        v = v.reshape(*lead, segments, c_high, c_low, half)
+        if product is block_product:  # one einsum: its own layout copies replace the two transposes
+            blocks = blocks.reshape(segments, c_low, c_high, half, c_high, half)
+            return torch.einsum("...sjlh,sljhJH->...sJlH", v, blocks).reshape(*lead, d)
+        v = product(v.transpose(-3, -2).reshape(*lead, d), blocks)
         return v.reshape(*lead, segments, c_low, c_high, half).transpose(-3, -2).reshape(*lead, d)
 
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ

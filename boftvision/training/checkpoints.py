@@ -154,7 +154,8 @@ def resolve_checkpoint(folder: str | Path, resume: str | None) -> Path | None:
                 return path
             warnings.warn(f"skipping incomplete checkpoint {path} ({problem}); resuming from an older one",
                           stacklevel=2)
-        print(f"--resume_from_checkpoint latest: no checkpoint in {folder} yet, starting fresh")
+        if rank() == 0:  # every process resolves; one says so
+            print(f"--resume_from_checkpoint latest: no checkpoint in {folder} yet, starting fresh")
         return None
     path = Path(resume)
     if not path.exists() and (Path(folder) / resume).exists():  # a bare name: in output_dir, as diffusers does
