@@ -41,7 +41,7 @@ def train_and_score(out: Path, adapter_flags: list[str], lr: float, prior: bool,
     """One DreamBooth run and its scores (both reused when ``out`` already holds them); ``compare_base``
     scores the base model too (same prompts and seeds)."""
     scores_file = out / "eval" / "results.json"
-    if not scores_file.is_file():
+    if not (out / "results.json").is_file():  # results.json is written last: the run is complete
         flags = ["--instance_data_dir", str(SUBJECT), "--instance_prompt", "a photo of sks shape",
                  "--train_text_encoder", "--unet_targets", "attention", "--learning_rate", str(lr),
                  "--max_train_steps", str(args.max_train_steps), "--seed", "0", "--output_dir", str(out),
@@ -50,6 +50,7 @@ def train_and_score(out: Path, adapter_flags: list[str], lr: float, prior: bool,
             flags += ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt",
                       "a photo of a shape", "--num_class_images", "20"]
         train_dreambooth_boft.main(flags)
+    if not scores_file.is_file():
         eval_dreambooth.main(["--adapter_path", str(out), "--num_seeds", str(args.num_seeds), "--guidance_scale",
                               "4", "--output_dir", str(out / "eval"), *(["--compare_base"] if compare_base else [])])
     run = json.loads((out / "results.json").read_text())
@@ -78,10 +79,12 @@ def main(argv=None) -> dict:
         p.error(f"--adapters: unknown {sorted(unknown)}; choose from {list(ADAPTERS)}")
     class_dir = out / "class-images"
     rows, sweeps, base = [], {}, None
+    for earlier in sorted(out.glob("*/eval/results.json")):  # the base model's scores from an earlier run
+        base = base or json.loads(earlier.read_text())["results"].get("base")
     for i, name in enumerate(names):
         slug = name.split(" bank")[0].replace(" ", "-").replace("=", "").lower()
         sweep = [train_and_score(out / f"{slug}-lr{lr:g}", ADAPTERS[name], lr, True, class_dir, args,
-                                 compare_base=i == j == 0) for j, lr in enumerate(rates)]
+                                 compare_base=base is None and i == j == 0) for j, lr in enumerate(rates)]
         base = base or sweep[0].pop("base")
         for r in sweep:
             r.pop("base", None)

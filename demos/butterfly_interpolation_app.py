@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -29,6 +30,10 @@ from boftvision.training import RENAMED_APPEND
 
 log = logging.getLogger(__name__)
 _PIPELINES: dict[tuple[str, str], object] = {}  # (model, adapter) → pipeline, loaded once
+# one generation at a time: the image and the path gallery are separate events that Gradio runs in
+# parallel, and both set components to identity on the one pipeline (and SDXL's Euler scheduler keeps a
+# step counter): without the lock they would draw with each other's settings
+_GENERATING = threading.Lock()
 MODELS: dict[str, str] = {}  # label shown on the page → model path or hub id (set by build)
 ADAPTERS: dict[str, str] = {}  # label → adapter folder
 
@@ -74,12 +79,13 @@ def image_at(model: str, adapter: str, prompt: str, seed: int, steps: int, n_ide
     prompt = checked_prompt(prompt)
     pipe = pipeline(model, adapter)
     m = path_length(pipe)
-    try:
-        set_identity_components(pipe, min(int(n_identity), m), reset_scale=int(n_identity) > m)
-        image = generate(pipe, prompt, int(seed), int(steps),
-                         on_step=lambda i: progress((i, int(steps)), desc="denoising"))[0]
-    finally:
-        set_identity_components(pipe, 0)
+    with _GENERATING:
+        try:
+            set_identity_components(pipe, min(int(n_identity), m), reset_scale=int(n_identity) > m)
+            image = generate(pipe, prompt, int(seed), int(steps),
+                             on_step=lambda i: progress((i, int(steps)), desc="denoising"))[0]
+        finally:
+            set_identity_components(pipe, 0)
     label = ("fine-tuned" if n_identity == 0 else "base model" if n_identity > m
              else f"{int(n_identity)}/{m} components → I")
     return image.resize((256, 256), Image.NEAREST), label
@@ -87,8 +93,10 @@ def image_at(model: str, adapter: str, prompt: str, seed: int, steps: int, n_ide
 
 def path_gallery(model: str, adapter: str, prompt: str, seed: int, steps: int, progress=gr.Progress()):
     prompt = checked_prompt(prompt)
-    path = interpolation_path(pipeline(model, adapter), prompt, int(seed), int(steps),
-                              on_step=lambda done, total: progress((done, total), desc="the path"))
+    pipe = pipeline(model, adapter)
+    with _GENERATING:
+        path = interpolation_path(pipe, prompt, int(seed), int(steps),
+                                  on_step=lambda done, total: progress((done, total), desc="the path"))
     return [(image.resize((256, 256), Image.NEAREST), label) for label, image in path]
 
 

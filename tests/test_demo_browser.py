@@ -22,12 +22,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 sys.path.insert(0, str(ROOT / "demos"))
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def serve(root: Path, pipe):
+    """Save ``pipe`` and a BOFT adapter on its UNet attention under ``root``; start the demo on them."""
     import butterfly_interpolation_app as demo_module
 
-    root = tmp_path_factory.mktemp("app")
-    pipe = pipeline_from_components(tiny_components(WORDS, seed=0))
     pipe.save_pretrained(str(root / "model"))
     torch.manual_seed(0)
     bv.add_adapter(pipe.unet, bv.BOFTConfig(block_size=4, n_butterfly_factor=2, init_weights=False,
@@ -36,7 +34,27 @@ def app(tmp_path_factory):
     demo = demo_module.build(str(root / "model"), str(root / "adapter"))
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}"
+    return demo, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    demo, url = serve(tmp_path_factory.mktemp("app"), pipeline_from_components(tiny_components(WORDS, seed=0)))
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def sdxl_app(tmp_path):
+    """The demo on a tiny SDXL pipeline (two text encoders, "text_time" UNet) built from configs."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from boftvision.integrations.diffusers.sdxl import tiny_sdxl_components
+    from boftvision.integrations.diffusers.tiny import build_clip_tokenizer
+
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(build_clip_tokenizer(WORDS, 16)))
+    demo, url = serve(tmp_path, pipe)
+    yield url
     demo.close()
 
 
@@ -59,6 +77,10 @@ def image_pixels(src: str) -> np.ndarray:
 
 
 def test_slider_changes_the_image_in_a_real_browser(app):
+    slider_changes_the_image(app, "butterfly_interpolation_app.png")
+
+
+def slider_changes_the_image(app: str, screenshot: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -78,12 +100,12 @@ def test_slider_changes_the_image_in_a_real_browser(app):
             d.find_element(By.CSS_SELECTOR, "#result img").get_attribute("src")))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".gallery-item, button.thumbnail-item")) >= 4)
         ARTIFACTS.mkdir(exist_ok=True)
-        driver.save_screenshot(str(ARTIFACTS / "butterfly_interpolation_app.png"))
+        driver.save_screenshot(str(ARTIFACTS / screenshot))
     finally:
         driver.quit()
     a, b = image_pixels(first), image_pixels(second)
     assert a.shape == b.shape and np.abs(a - b).mean() > 1.0  # a different image, not just a new URL
-    assert (ARTIFACTS / "butterfly_interpolation_app.png").stat().st_size > 10_000
+    assert (ARTIFACTS / screenshot).stat().st_size > 10_000
 
 
 def test_app_serves_only_its_own_models_and_shows_no_paths(app, monkeypatch):
@@ -123,3 +145,8 @@ def test_errors_show_as_messages_in_the_page(app):
         wait.until(lambda d: "type a prompt first" in d.page_source)
     finally:
         driver.quit()
+
+
+def test_slider_changes_the_image_on_sdxl(sdxl_app):
+    """Last in the file: the demo module keeps one model list, which this second app replaces."""
+    slider_changes_the_image(sdxl_app, "butterfly_interpolation_app_sdxl.png")
