@@ -7,6 +7,7 @@ Adapter directories follow PEFT's DreamBooth example: ``DIR/unet/`` and optional
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -157,8 +158,6 @@ def base_model_for(adapter_dir: str | Path | None, model: str | None = None) -> 
     records another base), else the base the adapter records, else the embedded pipeline. A recorded local
     path missing on this machine is an error naming the fix — unless it is the embedded pipeline, installed
     elsewhere."""
-    import warnings
-
     recorded = recorded_base_model(adapter_dir) if adapter_dir else None
     if model is None:
         if recorded and recorded.startswith("/") and not Path(recorded).exists():
