@@ -54,13 +54,21 @@ def train_and_score(out: Path, adapter_flags: list[str], lr: float, prior: bool,
         eval_dreambooth.main(["--adapter_path", str(out), "--num_seeds", str(args.num_seeds), "--guidance_scale",
                               "4", "--output_dir", str(out / "eval"), *(["--compare_base"] if compare_base else [])])
     run = json.loads((out / "results.json").read_text())
-    results = json.loads(scores_file.read_text())["results"]
-    scores = results["adapter"]
-    return {"base": results.get("base"), "lr": lr, "prior_preservation": prior,
+    scores = json.loads(scores_file.read_text())["results"]["adapter"]
+    return {"lr": lr, "prior_preservation": prior,
             "subject_fidelity": scores["subject fidelity"]["mean"],
             "prompt_preservation": scores["prompt preservation"]["mean"],
             "trainable": run["trainable_parameters"], "stored": run["stored_parameters"],
             "seconds": round(run["seconds"], 1)}
+
+
+def saved_base(out: Path) -> dict | None:
+    """The base model's scores, from whichever run in ``out`` was scored with --compare_base (the first)."""
+    for scores in sorted(out.glob("*/eval/results.json")):
+        base = json.loads(scores.read_text())["results"].get("base")
+        if base is not None:
+            return base
+    return None
 
 
 def main(argv=None) -> dict:
@@ -78,23 +86,17 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"--adapters: unknown {sorted(unknown)}; choose from {list(ADAPTERS)}")
     class_dir = out / "class-images"
-    rows, sweeps, base = [], {}, None
-    for earlier in sorted(out.glob("*/eval/results.json")):  # the base model's scores from an earlier run
-        base = base or json.loads(earlier.read_text())["results"].get("base")
-    for i, name in enumerate(names):
+    rows, sweeps = [], {}
+    for name in names:
         slug = name.split(" bank")[0].replace(" ", "-").replace("=", "").lower()
         sweep = [train_and_score(out / f"{slug}-lr{lr:g}", ADAPTERS[name], lr, True, class_dir, args,
-                                 compare_base=base is None and i == j == 0) for j, lr in enumerate(rates)]
-        base = base or sweep[0].pop("base")
-        for r in sweep:
-            r.pop("base", None)
+                                 compare_base=saved_base(out) is None) for lr in rates]
         sweeps[name] = sweep
         best = max(sweep, key=lambda r: r["subject_fidelity"] + r["prompt_preservation"])
         rows.append({"adapter": name, **best})
-        plain = train_and_score(out / f"{slug}-lr{best['lr']:g}-no-prior", ADAPTERS[name], best["lr"], False,
-                                class_dir, args)
-        plain.pop("base")
-        rows.append({"adapter": name, **plain})
+        rows.append({"adapter": name, **train_and_score(out / f"{slug}-lr{best['lr']:g}-no-prior", ADAPTERS[name],
+                                                          best["lr"], False, class_dir, args)})
+    base = saved_base(out)
     lines = ["| adapter | prior preservation | lr | subject fidelity | prompt preservation | trainable | stored "
              "| training s |", "|---|---|---|---|---|---|---|---|",
              f"| base model | – | – | {base['subject fidelity']['mean']:.2f} | "

@@ -92,7 +92,7 @@ if triton is not None:
         tl.store(partial_ptr + (program * n_blocks + n) * B * B + cols[:, None] * B + cols[None, :], grad_r)
 
 
-def _launch_shape(x: torch.Tensor, b: int) -> tuple[int, bool]:
+def _launch_shape(b: int) -> tuple[int, bool]:
     """Tokens per tile, and whether to use tl.dot (tensor cores need 16-wide blocks; the interpreter
     computes either way)."""
     return (64 if b <= 32 else 32), b >= 16
@@ -103,7 +103,7 @@ def _block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     tokens, width = x.shape
     b = blocks.shape[-1]
     y = torch.empty_like(x)
-    block_t, use_dot = _launch_shape(x, b)
+    block_t, use_dot = _launch_shape(b)
     grid = (triton.cdiv(tokens, block_t), width // b)
     _forward_kernel[grid](x, blocks, y, tokens, width, B=b, BLOCK_T=block_t, USE_DOT=use_dot)
     return y
@@ -119,7 +119,7 @@ def _block_rotate_backward(x: torch.Tensor, blocks: torch.Tensor,
                            dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, width = x.shape
     n, b, _ = blocks.shape
-    block_t, use_dot = _launch_shape(x, b)
+    block_t, use_dot = _launch_shape(b)
     tiles = triton.cdiv(tokens, block_t)
     programs = min(tiles, 64)
     dx = torch.empty_like(x)
