@@ -2,7 +2,9 @@
 
 One step = forward + backward (+ AdamW step on the adapter parameters). The input requires grad, so
 the frozen base also back-propagates through every layer (what a frozen layer costs inside a network).
-Also: a merged model's forward against the base's (must be equal), and the time to merge.
+Also: a merged model's forward against the base's (must cost the same), and the time to merge.
+Every row's step runs once per round, rounds repeated ``--iters`` times, and each row reports its
+fastest step: the machine's drifts reach all rows alike, and ratios are within one run.
 
     python benchmarks/bench_layers.py                          # CPU, small sizes
     python benchmarks/bench_layers.py --device cuda --dtype bf16 --widths 1024 4096 --tokens 8192
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 import warnings
@@ -58,47 +59,69 @@ OUR_CONFIGS = {
 }
 
 
-class LycorisStack(nn.Module):
-    """The stack with lycoris-lora's BOFT (full butterfly, b = 8: its only structure) on every layer."""
+class WithLycoris(nn.Module):
+    """``model`` with lycoris-lora's BOFT (full butterfly, b = 8: its only structure; weight or bypass mode)
+    on each of ``layers``; LyCORIS picks its own kernels (fused Triton on recent GPUs, eager on CPU)."""
 
-    def __init__(self, base: nn.Sequential, bypass: bool):
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], bypass: bool):
         from lycoris.modules.boft import ButterflyOFTModule
 
         super().__init__()
-        self.net = base
-        self.lycoris = nn.ModuleList(ButterflyOFTModule(f"l{i}", layer, 1.0, lora_dim=8, bypass_mode=bypass)
-                                     for i, layer in enumerate(base))
+        self.model = model
+        self.lycoris = nn.ModuleList(ButterflyOFTModule(name.replace(".", "_"), layer, 1.0, lora_dim=8,
+                                                        bypass_mode=bypass) for name, layer in layers.items())
         for module in self.lycoris:
             module.apply_to()
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
 
-def time_step(model, x, device, iters, warmup, train=True):
+def lycoris_stack(base: nn.Sequential, bypass: bool) -> WithLycoris:
+    model = copy.deepcopy(base)
+    return WithLycoris(model, {str(i): layer for i, layer in enumerate(model)}, bypass)
+
+
+def make_step(model, x, train=True):
+    """One training step (forward, backward, AdamW on the trainable parameters) or one inference forward."""
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-4) if params and train else None
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        if train:
-            xi = x.detach().requires_grad_(True)
-            model(xi).float().square().mean().backward()
-            if optim:
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-        else:
+
+    def step():
+        if not train:
             with torch.no_grad():
-                model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return statistics.median(times) * 1000, peak
+                return model(x)
+        model(x.detach().requires_grad_(True)).float().square().mean().backward()
+        if optim:
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_interleaved(steps: dict, device: str, iters: int, warmup: int) -> dict:
+    """Minimum step time (ms) of each entry over ``iters`` rounds, one step of every entry per round, so
+    the machine's slow drifts (other load, clocks, heat) reach every row alike; and, on CUDA, the memory
+    a step allocates above what was resident before it (GiB; NaN elsewhere)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {label: [] for label in steps}
+    peaks = dict.fromkeys(steps, float("nan"))
+    for _ in range(iters):
+        for label, step in steps.items():
+            if device == "cuda":
+                sync()
+                resident = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[label].append(time.perf_counter() - start)
+            if device == "cuda":
+                peaks[label] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    return {label: (min(t) * 1000, peaks[label]) for label, t in times.items()}
 
 
 def saved_mib(model, x) -> float:
@@ -126,22 +149,23 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
+    parser.add_argument("--rows", nargs="+", help="only the rows whose label contains one of these (and the frozen "
+                        "base), e.g. --rows 'BOFT full' LyCORIS")
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
 
     print(f"device={device} dtype={args.dtype} tokens={args.tokens} layers={args.layers} torch={torch.__version__}")
-    print("| width | model | step ms | × frozen | saved for backward MiB | CUDA peak GiB |")
+    print("| width | model | step ms | × frozen | saved for backward MiB | CUDA step GiB |")
     print("|---|---|---|---|---|---|")
     for width in args.widths:
         targets = [str(i) for i in range(args.layers)]
         base = stack(width, args.layers).to(device, dtype).requires_grad_(False)
         x = torch.randn(args.tokens, width, device=device, dtype=dtype)
-        frozen, peak = time_step(base, x, device, args.iters, args.warmup)
-        rows = [("frozen base", frozen, saved_mib(base, x), peak)]
-        candidates = [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets, width)))
-                      for k in OUR_CONFIGS]
+        candidates = [("frozen base", lambda: base)]
+        candidates += [(f"ours {k}", lambda k=k: bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS[k](targets, width)))
+                       for k in OUR_CONFIGS]
         try:
             import lycoris  # noqa: F401
         except ImportError:
@@ -149,7 +173,7 @@ def main() -> None:
         else:
             for mode, bypass in (("weight mode", False), ("bypass mode", True)):
                 candidates.append((f"LyCORIS BOFT full b=8 ({mode})",
-                                   lambda bypass=bypass: LycorisStack(copy.deepcopy(base), bypass)))
+                                   lambda bypass=bypass: lycoris_stack(base, bypass)))
         if not args.no_peft:
             import peft
             from peft_reference import peft_model
@@ -161,21 +185,20 @@ def main() -> None:
                 candidates.append(as_run)
                 if k.startswith("BOFT"):
                     candidates.append((f"PEFT {k} true m", lambda cfg=cfg: peft_model(base, cfg)))
-        for label, build in candidates:
-            model = build().to(device)
-            ms, peak = time_step(model, x, device, args.iters, args.warmup)
-            rows.append((label, ms, saved_mib(model, x), peak))
-            del model
-        # merged inference equals base inference
+        models = {label: build().to(device) for label, build in candidates
+                  if label == "frozen base" or not args.rows or any(r in label for r in args.rows)}
+        # a merged adapter's inference costs the base's
         merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets, width))
         start = time.perf_counter()
         bv.merge_adapter(merged)
         merge_ms = (time.perf_counter() - start) * 1000
-        base_inf, _ = time_step(base, x, device, args.iters, args.warmup, train=False)
-        merged_inf, _ = time_step(merged, x, device, args.iters, args.warmup, train=False)
-        nan = float("nan")
-        rows.append(("base forward (inference)", base_inf, nan, nan))
-        rows.append((f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)", merged_inf, nan, nan))
+        steps = {label: make_step(model, x) for label, model in models.items()}
+        steps["base forward (inference)"] = make_step(base, x, train=False)
+        steps[f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)"] = make_step(merged, x, train=False)
+        timed = time_interleaved(steps, device, args.iters, args.warmup)
+        frozen = timed["frozen base"][0]
+        rows = [(label, ms, saved_mib(models[label], x) if label in models else float("nan"), peak)
+                for label, (ms, peak) in timed.items()]
         for label, ms, saved, peak in rows:
             print(f"| {width} | {label} | {ms:.2f} | {ms / frozen:.2f} | {saved:.0f} | {peak:.2f} |")
 

@@ -9,6 +9,11 @@ layer too. Also: merged-model inference against the base's, and the time to merg
 
     python benchmarks/bench_models.py --models sd15 dinov2l llama1b            # on a GPU
     python benchmarks/bench_models.py --models tiny --device cpu --dtype fp32  # smoke run here
+    python benchmarks/bench_models.py --lycoris --only "BOFT full" LyCORIS --json lycoris.json
+
+``--lycoris`` adds the full butterfly (b = 8), ours and lycoris-lora's (weight and bypass mode; LyCORIS
+runs its fused Triton kernels on recent GPUs by itself, ``LYCORIS_KERNEL_BACKEND`` pins one). ``--json``
+writes every row's numbers for reuse.
 
 PEFT's BOFT silently runs with one butterfly factor when its CUDA extension does not build; the
 "PEFT BOFT" row says which m it actually ran with.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import statistics
 import sys
 import time
@@ -147,6 +153,12 @@ def peft_boft_m(model) -> str:
     return "true m" if layer._FBD_CUDA else "ran with m=1: CUDA extension did not build"
 
 
+def with_lycoris(wrapper, base, targets, bypass: bool):
+    """A copy of ``base`` with lycoris-lora's BOFT on the layers our adapters target."""
+    model = copy.deepcopy(base)
+    return wrapper(model, dict(find_targets(model, bv.LoRAConfig(target_modules=targets))), bypass)
+
+
 # --- timing --------------------------------------------------------------------------------------
 def sync(device):
     if device == "cuda":
@@ -200,6 +212,7 @@ def free(device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["sd15", "dinov2l", "llama1b"], choices=[*MODELS, "tiny"])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs of the chosen models (`--models tiny`: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES)
     parser.add_argument("--iters", type=int, default=10)
@@ -210,16 +223,19 @@ def main() -> None:
     parser.add_argument("--side", default="auto", choices=["auto", "input", "weight"],
                         help="pin the rotation side of our OFT/BOFT (default: chosen per layer by cost)")
     parser.add_argument("--profile", nargs="*", help="print a kernel profile of these rows (substring match)")
+    parser.add_argument("--lycoris", action="store_true",
+                        help="add the full-butterfly rows: ours and lycoris-lora's BOFT (weight and bypass mode)")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
     OrthogonalAdapter.rotation_side = args.side
-    tiny = args.models == ["tiny"]
-    names = list(MODELS) if tiny else args.models
+    tiny = args.tiny or "tiny" in args.models
+    names = [n for n in args.models if n != "tiny"] or list(MODELS)
     warnings.simplefilter("ignore")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"# device={gpu} dtype={args.dtype} torch={torch.__version__} iters={args.iters} (median) "
           f"rotation side={args.side}", flush=True)
-    lines = []
+    lines, numbers = [], {}
     for key in names:
         for title, model, inputs, loss_fn, targets in MODELS[key](tiny):
             torch.manual_seed(0)
@@ -234,6 +250,14 @@ def main() -> None:
                 builders.update({k: (lambda c=c, base=base: peft.get_peft_model(copy.deepcopy(base), c))
                                  for k, c in peft_configs(targets).items()})
                 builders["PEFT BOFT m=2 b=8, true m forced"] = lambda base=base: peft_true_m(base, targets)
+            if args.lycoris:
+                from bench_layers import WithLycoris
+
+                full = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, target_modules=targets)
+                builders["ours BOFT full b=8"] = lambda full=full, base=base: bv.add_adapter(copy.deepcopy(base), full)
+                for mode, bypass in (("weight mode", False), ("bypass mode", True)):
+                    builders[f"LyCORIS BOFT full b=8 ({mode})"] = lambda bypass=bypass, base=base: with_lycoris(
+                        WithLycoris, base, targets, bypass)
             if args.compile:
                 for k in ("ours LoRA r=16", "ours BOFT m=2 b=8"):
                     builders[k + " compiled"] = lambda k=k: torch.compile(builders[k]())
@@ -276,9 +300,18 @@ def main() -> None:
             lines.append(f"| ours BOFT m=2 b=8 merged, inference (merge took {merge_ms:.0f} ms) | {merged_inf:.1f} | "
                          f"{merged_inf / base_inf:.2f} × base inference | | | |")
             print("\n".join(lines[-(len(rows) + 5):]), flush=True)
+            numbers[title] = {label: {"step_ms": ms, "x_frozen": ms / frozen,
+                                      "peak_gib": None if peak != peak else peak}  # NaN off CUDA: null
+                              for label, ms, peak in rows}
+            numbers[title]["base inference"] = {"step_ms": base_inf}
+            numbers[title]["ours BOFT m=2 b=8 merged, inference"] = {"step_ms": merged_inf, "merge_ms": merge_ms}
             del base
             free(device)
     print("\n## Summary\n" + "\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": gpu, "dtype": args.dtype, "torch": torch.__version__,
+                                               "iters": args.iters, "rotation_side": args.side,
+                                               "models": numbers}, indent=1))
 
 
 if __name__ == "__main__":

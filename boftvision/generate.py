@@ -3,10 +3,11 @@
     python -m boftvision.generate --adapter_path outputs/sks --prompt "a photo of sks shape" --seed 0 \
         --interpolate --out interpolation.png
 
-``--model`` defaults to the embedded tiny pipeline. With ``--interpolate`` (a BOFT/OFT adapter) the grid
-holds, left to right, the fine-tuned model and then 1, …, m butterfly components set to identity, and
-last the base model (all components identity and the output scale reset); every image starts from the
-same initial noise, so only the adapter changes along the row. With ``--control IMAGE`` (an adapter
+``--pretrained_model_name_or_path`` defaults to the base model the adapter recorded, else the embedded
+tiny pipeline. With ``--interpolate`` (a BOFT/OFT adapter) the grid holds, left to right, the fine-tuned
+model and then 1, …, m butterfly components set to identity, and last the base model (all components
+identity and the output scale reset); every image starts from the same initial noise, so only the
+adapter changes along the row. With ``--control IMAGE`` (an adapter
 from train_controlnet_boft.py) the control image comes first and every image but the base one is
 generated under it (the paper's Fig. 10 path from control-following to the unconditioned model).
 """
@@ -172,7 +173,7 @@ def main(argv=None) -> Path:
     args = describe_flags(p).parse_args(argv)
     exports = [flag for flag in ("export", "export_single_file", "export_lycoris") if getattr(args, flag)]
     if exports and not args.adapter:
-        p.error(f"--{exports[0]} needs --adapter (what to export with --model)")
+        p.error(f"--{exports[0]} needs --adapter_path (what to export onto the base model)")
     if not (args.prompt or exports):
         p.error("give --prompt (or --export DIR, --export_single_file FILE, --export_lycoris FILE)")
     args.model = base_model_for(args.adapter, args.model)
@@ -183,7 +184,7 @@ def main(argv=None) -> Path:
             print(f"wrote {getattr(args, flag)}")
         return Path(getattr(args, exports[0]))
     if args.interpolate and not args.adapter:
-        p.error("--interpolate needs --adapter")
+        p.error("--interpolate needs --adapter_path")
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
     if args.adapter:
@@ -194,7 +195,7 @@ def main(argv=None) -> Path:
                       "not controlled", stacklevel=2)
     if args.control:
         if not args.adapter:
-            p.error("--control needs --adapter (the output_dir of train_controlnet_boft.py)")
+            p.error("--control needs --adapter_path (the output_dir of train_controlnet_boft.py)")
         control = control_features(pipe, args.adapter, args.control)
     if args.interpolate:
         with tqdm(desc="interpolation path", unit="step") as bar:

@@ -71,3 +71,14 @@ def test_every_flag_has_help(monkeypatch, module, function):
     silent = [a.option_strings or a.dest for a in parser._actions
               if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
     assert silent == []
+
+
+def test_model_benchmark_writes_lycoris_rows_to_json(tmp_path):
+    out = tmp_path / "numbers.json"
+    run("benchmarks/bench_models.py", "--models", "llama1b", "--tiny", "--device", "cpu", "--dtype", "fp32",
+        "--iters", "1", "--warmup", "0", "--no-peft", "--lycoris", "--only", "BOFT full", "LyCORIS",
+        "--json", str(out))
+    rows = json.loads(out.read_text())["models"]["Llama 1B, seq 2048"]
+    assert {"frozen base", "ours BOFT full b=8", "LyCORIS BOFT full b=8 (weight mode)",
+            "LyCORIS BOFT full b=8 (bypass mode)"} <= set(rows)
+    assert rows["frozen base"]["x_frozen"] == 1.0 and all(r["step_ms"] > 0 for r in rows.values())
