@@ -156,16 +156,43 @@ def test_collapsed_butterfly_is_the_block_diagonal_of_r(d, b, m):
 @pytest.mark.parametrize("b", [2, 4, 8, 16, 32])
 def test_two_product_form_equals_the_factors(b):
     """R = H·L (two block products and a fixed permutation) equals factor-by-factor application for every
-    m up to the full butterfly, x R and x Rᵀ, widths of one and of three full spans."""
+    m up to the full butterfly, x R and x Rᵀ, widths of one and of three full spans, 3-D activations;
+    gradients (to x and to the blocks) too."""
     from boftvision.ops.orthogonal import apply_two_product, two_product_operands
 
     torch.manual_seed(b)
     span = b * 16
     for width in (span, 3 * span):
         for m in range(1, max_butterfly_factors(span, b) + 1):
-            blocks = cayley(skew_from_square(0.3 * torch.randn(m, width // b, b, b)))
-            x = torch.randn(4, width)
-            low, high = two_product_operands(blocks)
+            blocks = cayley(skew_from_square(0.3 * torch.randn(m, width // b, b, b))).requires_grad_(True)
+            x = torch.randn(2, 3, width, requires_grad=True)
             for transpose in (False, True):
-                torch.testing.assert_close(apply_two_product(x, low, high, m, b, transpose=transpose),
-                                           butterfly_apply(x, blocks, transpose=transpose), atol=1e-5, rtol=1e-5)
+                grad = torch.randn(2, 3, width)
+                low, high = two_product_operands(blocks)
+                ours = apply_two_product(x, low, high, m, b, transpose=transpose)
+                reference = butterfly_apply(x, blocks, transpose=transpose)
+                torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+                ours_grads = torch.autograd.grad(ours, (x, blocks), grad)
+                for got, want in zip(ours_grads, torch.autograd.grad(reference, (x, blocks), grad)):
+                    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_permute_copy_moves_chunks_bitwise():
+    """The wide-element permuted copy equals permute().contiguous() bit for bit (NaN payloads included)
+    in every dtype, and its backward is the inverse permutation."""
+    from boftvision.ops.orthogonal import PermuteCopy, permute_copy
+
+    for dtype, chunk in ((torch.float32, 4), (torch.float32, 3), (torch.bfloat16, 8), (torch.float16, 2),
+                         (torch.float64, 5)):
+        x = torch.randn(6, 2, 3, 4, chunk).to(dtype)
+        x.view(-1)[7] = float("nan")
+        dims = (1, 3, 0, 2, 4)
+        want = x.permute(dims).contiguous()
+        got = permute_copy(x, tuple(x.shape), dims)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    x = torch.randn(6, 8, requires_grad=True)
+    y = PermuteCopy.apply(x, (3, 2, 2, 4), (1, 0, 2, 3))
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (want,) = torch.autograd.grad(x.reshape(3, 2, 2, 4).permute(1, 0, 2, 3), x, grad)
+    assert torch.equal(got, want)

@@ -15,6 +15,7 @@ batched block product per factor.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def skew_from_square(params: torch.Tensor) -> torch.Tensor:
@@ -284,6 +285,39 @@ def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return low, high.reshape(segments * c_low, width, width)
 
 
+WIDE_DTYPES = {16: torch.complex128, 8: torch.float64, 4: torch.float32, 2: torch.float16}
+
+
+def permute_copy(x: torch.Tensor, sizes: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """``x.reshape(sizes).permute(dims).contiguous()`` for ``dims`` that keep the last axis last.
+
+    The last axis moves as one wider element (up to 16 bytes, reinterpreted, so the copy is bitwise):
+    PyTorch's CPU copy moves a run of 4 floats as one complex128 about 2.5× faster than as 4 floats.
+    """
+    v = x.reshape(sizes)
+    nbytes = sizes[-1] * x.element_size()
+    wide = next((WIDE_DTYPES[w] for w in WIDE_DTYPES if nbytes % w == 0), None)
+    if wide is None or not v.is_contiguous() or v.storage_offset() * x.element_size() % wide.itemsize:
+        return v.permute(dims).contiguous()
+    return v.view(wide).permute(dims).contiguous().view(x.dtype)
+
+
+class PermuteCopy(torch.autograd.Function):
+    """:func:`permute_copy` with its inverse as the backward."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, dims):
+        ctx.shape = x.shape
+        ctx.inverse = [sizes[i] for i in dims], tuple(sorted(range(len(dims)), key=dims.__getitem__))
+        return permute_copy(x, sizes, dims)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        sizes, dims = ctx.inverse
+        return permute_copy(grad, sizes, dims).reshape(ctx.shape), None, None
+
+
 def block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``x @ blockdiag(blocks)``: x (..., N·b), blocks (N, b, b) — the einsum reference."""
     return apply_factor(x, blocks, 0)
@@ -301,12 +335,15 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
     segments = d // (c_high * c_low * half)
 
     def high_product(v, blocks):  # (segments·c_low) blocks of c_high·half, on the coordinates (s, j, l, h)
-        v = v.reshape(*lead, segments, c_high, c_low, half)
-        if product is block_product:  # one einsum: its own layout copies replace the two transposes
-            blocks = blocks.reshape(segments, c_low, c_high, half, c_high, half)
-            return torch.einsum("...sjlh,sljhJH->...sJlH", v, blocks).reshape(*lead, d)
-        v = product(v.transpose(-3, -2).reshape(*lead, d), blocks)
-        return v.reshape(*lead, segments, c_low, c_high, half).transpose(-3, -2).reshape(*lead, d)
+        if product is block_product:  # one batched product between two copies that move whole h-chunks
+            tokens = v.numel() // d
+            v = PermuteCopy.apply(v, (tokens, segments, c_high, c_low, half), (1, 3, 0, 2, 4))  # (s, l, T, j, h)
+            v = torch.bmm(v.reshape(segments * c_low, tokens, c_high * half), blocks)
+            return PermuteCopy.apply(v, (segments, c_low, tokens, c_high, half), (2, 0, 3, 1, 4)).reshape(*lead, d)
+        tokens = v.numel() // d  # the fused kernel takes blocks contiguous along the features: (T, s, l, j, h)
+        v = product(PermuteCopy.apply(v, (tokens, segments, c_high, c_low, half), (0, 1, 3, 2, 4)).reshape(tokens, d),
+                    blocks)
+        return PermuteCopy.apply(v, (tokens, segments, c_low, c_high, half), (0, 1, 3, 2, 4)).reshape(*lead, d)
 
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ
         return high_product(product(x, low.transpose(-1, -2)), high.transpose(-1, -2))
