@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import boftvision as bv
+from boftvision.adapters import OrthogonalAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -151,12 +152,16 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
     parser.add_argument("--rows", nargs="+", help="only the rows whose label contains one of these (and the frozen "
                         "base), e.g. --rows 'BOFT full' LyCORIS")
+    parser.add_argument("--side", default="auto", choices=["auto", "input", "weight"],
+                        help="pin the rotation side of our OFT/BOFT (default: chosen per layer by cost)")
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], args.device
+    OrthogonalAdapter.rotation_side = args.side
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
 
-    print(f"device={device} dtype={args.dtype} tokens={args.tokens} layers={args.layers} torch={torch.__version__}")
+    print(f"device={device} dtype={args.dtype} tokens={args.tokens} layers={args.layers} torch={torch.__version__} "
+          f"rotation side={args.side}")
     print("| width | model | step ms | × frozen | saved for backward MiB | CUDA step GiB |")
     print("|---|---|---|---|---|---|")
     for width in args.widths:

@@ -70,10 +70,14 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
 SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakref.WeakKeyDictionary()
 
 # MAC-equivalents per element of one memory-bound pass over activations, per device type (see
-# choose_side): measured on a 2-core x86 CPU and on an H100 (benchmarks/bench_models.py,
-# where the weight side won on DINOv2-L and SD's UNet: an activation pass there is a handful of
-# permute/copy kernels, a GEMM runs near 800 TFLOP/s)
-PASS_COST = {"cpu": 500, "cuda": 4000}
+# choose_side). CPU: on a 2-core x86 CPU a 1024-wide layer's forward + backward on 2048 fp32 tokens costs
+# ~19 ms more with a collapsed block product on the activations (3 passes) and ~33 ms more with two block
+# products, against ~45 ms for one of its GEMMs (2.1 G MACs): ~150 MACs per element and pass
+# (`benchmarks/bench_layers.py --widths 1024 --side input` and `--side weight`). H100: measured with
+# benchmarks/bench_models.py, where the weight side won on DINOv2-L and SD's UNet (an activation pass
+# there is a handful of permute/copy kernels, a GEMM runs near 800 TFLOP/s)
+PASS_COST = {"cpu": 150, "cuda": 4000}
+TWO_PRODUCT_PASSES = 2  # two block products and their permuted copies, in units of one collapsed pass
 COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
 
 
@@ -193,7 +197,8 @@ class OrthogonalAdapter(Adapter):
         tokens, (n, d) = x.numel() // self.shape.d, (self.shape.n, self.shape.d)
         width = self.width  # what an activation pass touches per token: the rotated side
         cost = PASS_COST.get(x.device.type, PASS_COST["cpu"])
-        passes = cost if self.collapse else cost * 4 if self.two_product else cost * (1 + 3 * (self.n_factors - 1))
+        factors = 1 if self.collapse else TWO_PRODUCT_PASSES if self.two_product else 1 + 3 * (self.n_factors - 1)
+        passes = cost * factors
         training = torch.is_grad_enabled() and self.raw().requires_grad
         sweeps = 3 if training else 1  # forward + two backward products
         input_cost = tokens * width * passes * sweeps
