@@ -247,15 +247,19 @@ class OrthogonalAdapter(Adapter):
             return F.linear(x, weight, bias)
         if self.output_side:
             return self.rotate_outputs(base, x, operand)
-        y = base(self.rotate(x, operand))  # PEFT's order: rotate, base layer, scale w/o bias
+        x = self.rotate(x, operand)  # PEFT's order: rotate, base layer, scale without the bias
         s = self.scale()
         if s is None:
-            return y
+            return base(x)
+        if quantized:
+            y = base(x)
+            bias = None if base.bias is None else base.bias.to(y.dtype)
+            y = y if bias is None else y - bias
+        else:  # the product without its bias, which the scaling pass adds: one pass over y fewer
+            y = F.linear(x, self.shape.weight(base).to(dtype))
+            bias = None if base.bias is None else base.bias.to(y.dtype)
         s = s.reshape(-1).to(y.dtype)
-        if base.bias is None:
-            return y * s
-        bias = base.bias.to(y.dtype)
-        return torch.addcmul(bias, y - bias, s)
+        return y * s if bias is None else torch.addcmul(bias, y, s)
 
     def rotate_outputs(self, base: nn.Module, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
         """Output side on the activations: ``s ⊙ ((x W0ᵀ) Rᵀ) + bias`` (channels last for the rotation)."""
