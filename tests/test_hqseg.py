@@ -56,7 +56,7 @@ def common(root, out, *extra):
             "--oft_block_size", "8", "--vblora_vector_length", "4", "--vblora_num_vectors", "32", *extra]
 
 
-@pytest.mark.parametrize("adapter,lr,epochs", [("boft", "1e-1", "8"), ("lora", "3e-2", "8"), ("vblora", "1e-1", "16")])
+@pytest.mark.parametrize("adapter,lr,epochs", [("boft", "1e-1", "8"), ("lora", "3e-2", "8"), ("vblora", "5e-2", "16")])
 def test_adapters_raise_miou_and_eval_matches(setup, tmp_path, adapter, lr, epochs):
     result = train_hqseg_boft.main(common(setup, tmp_path, "--adapter", adapter, "--epochs", epochs,
                                           "--learning_rate", lr))
