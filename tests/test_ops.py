@@ -196,3 +196,19 @@ def test_permute_copy_moves_chunks_bitwise():
     (got,) = torch.autograd.grad(y, x, grad)
     (want,) = torch.autograd.grad(x.reshape(3, 2, 2, 4).permute(1, 0, 2, 3), x, grad)
     assert torch.equal(got, want)
+
+
+def test_scale_shift_equals_its_plain_form():
+    """ScaleShift equals y ⊙ s + bias with the same gradients, with and without a bias."""
+    from boftvision.ops.orthogonal import scale_shift
+
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    for bias in (None, torch.randn(7, dtype=torch.float64, requires_grad=True)):
+        inputs = (y, s) if bias is None else (y, s, bias)
+        ours, reference = scale_shift(y, s, bias), y * s + (0 if bias is None else bias)
+        torch.testing.assert_close(ours, reference)
+        grad = torch.randn_like(ours)
+        for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+            torch.testing.assert_close(a, b)

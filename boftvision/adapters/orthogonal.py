@@ -30,6 +30,7 @@ from ..ops.orthogonal import (
     max_butterfly_factors,
     multiplicative_dropout_mask,
     rotate_weight,
+    scale_shift,
     two_product_operands,
     two_product_split,
 )
@@ -258,8 +259,7 @@ class OrthogonalAdapter(Adapter):
         else:  # the product without its bias, which the scaling pass adds: one pass over y fewer
             y = F.linear(x, self.shape.weight(base).to(dtype))
             bias = None if base.bias is None else base.bias.to(y.dtype)
-        s = s.reshape(-1).to(y.dtype)
-        return y * s if bias is None else torch.addcmul(bias, y, s)
+        return scale_shift(y, s.reshape(-1).to(y.dtype), bias)
 
     def rotate_outputs(self, base: nn.Module, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
         """Output side on the activations: ``s ⊙ ((x W0ᵀ) Rᵀ) + bias`` (channels last for the rotation)."""

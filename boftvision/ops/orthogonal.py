@@ -285,6 +285,33 @@ def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return low, high.reshape(segments * c_low, width, width)
 
 
+class ScaleShift(torch.autograd.Function):
+    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward, and a
+    backward that reads y once for s's gradient (autograd's addcmul also multiplies y by its scalar
+    factor: one more pass over the activations)."""
+
+    @staticmethod
+    def forward(ctx, y, s, bias):
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, s)
+        ctx.has_bias = bias is not None
+        return y * s if bias is None else torch.addcmul(bias, y, s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, s = ctx.saved_tensors
+        need_y, need_s, need_bias = ctx.needs_input_grad
+        grad_y = grad * s if need_y else None
+        grad_s = (grad * y).reshape(-1, s.shape[-1]).sum(0) if need_s else None
+        grad_bias = grad.reshape(-1, s.shape[-1]).sum(0) if need_bias and ctx.has_bias else None
+        return grad_y, grad_s, grad_bias
+
+
+def scale_shift(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y ⊙ s + bias`` over the last axis (see :class:`ScaleShift`)."""
+    return ScaleShift.apply(y, s, bias)
+
+
 WIDE_DTYPES = {16: torch.complex128, 8: torch.float64, 4: torch.float32, 2: torch.float16}
 
 
