@@ -71,13 +71,12 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
 SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakref.WeakKeyDictionary()
 
 # MAC-equivalents per element of one memory-bound pass over activations, per device type (see
-# choose_side). CPU: on a 2-core x86 CPU a 1024-wide layer's forward + backward on 2048 fp32 tokens costs
-# ~19 ms more with a collapsed block product on the activations (3 passes) and ~33 ms more with two block
-# products, against ~45 ms for one of its GEMMs (2.1 G MACs): ~150 MACs per element and pass
-# (`benchmarks/bench_layers.py --widths 1024 --side input` and `--side weight`). H100: measured with
-# benchmarks/bench_models.py, where the weight side won on DINOv2-L and SD's UNet (an activation pass
-# there is a handful of permute/copy kernels, a GEMM runs near 800 TFLOP/s)
-PASS_COST = {"cpu": 150, "cuda": 4000}
+# choose_side). CPU: on a quiet 2-core x86 CPU, 2048 fp32 tokens of a 1024-wide layer take 33 ms for one
+# of its GEMMs (2.1 G MACs), 9.4 ms for a collapsed block product's forward + backward (3 passes) and
+# 20.5 ms for the two block products': ~100 MACs per element and pass, two products ≈ 2 passes.
+# H100: measured with benchmarks/bench_models.py, where the weight side won on DINOv2-L and SD's UNet (an
+# activation pass there is a handful of permute/copy kernels, a GEMM runs near 800 TFLOP/s)
+PASS_COST = {"cpu": 100, "cuda": 4000}
 TWO_PRODUCT_PASSES = 2  # two block products and their permuted copies, in units of one collapsed pass
 COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
 
