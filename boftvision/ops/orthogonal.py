@@ -254,7 +254,7 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
 # Factor i of a butterfly mixes the b/2-wide chunks whose index differs in bit i. So the first k+1 factors
 # multiply to L = B_k ⋯ B_0, block-diagonal with contiguous b·2^k-wide blocks, and the others to
 # H = B_{m−1} ⋯ B_{k+1}, block-diagonal after one fixed permutation (chunk bits 0…k moved above the rest):
-# R = H·L applies as two batched block products and two transposes for any m (a Monarch-style form).
+# R = H·L applies as two batched block products and two permuted copies for any m (a Monarch-style form).
 
 def two_product_split(n_factors: int) -> int:
     """k: the low product takes factors 0…k, the high one k+1…m−1 — both blocks near √(b·span)."""
