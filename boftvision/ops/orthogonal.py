@@ -365,14 +365,14 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
     segments = d // (c_high * c_low * half)
 
     def high_product(v, blocks):  # (segments·c_low) blocks of c_high·half, on the coordinates (s, j, l, h)
+        tokens = v.numel() // d
         if product is block_product:  # one batched product between two copies that move whole h-chunks
-            tokens = v.numel() // d
             v = PermuteCopy.apply(v, (tokens, segments, c_high, c_low, half), (1, 3, 0, 2, 4))  # (s, l, T, j, h)
             v = torch.bmm(v.reshape(segments * c_low, tokens, c_high * half), blocks)
             return PermuteCopy.apply(v, (segments, c_low, tokens, c_high, half), (2, 0, 3, 1, 4)).reshape(*lead, d)
-        tokens = v.numel() // d  # the fused kernel takes blocks contiguous along the features: (T, s, l, j, h)
-        v = product(PermuteCopy.apply(v, (tokens, segments, c_high, c_low, half), (0, 1, 3, 2, 4)).reshape(tokens, d),
-                    blocks)
+        # the fused kernel takes blocks contiguous along the features: (T, s, l, j, h)
+        v = PermuteCopy.apply(v, (tokens, segments, c_high, c_low, half), (0, 1, 3, 2, 4)).reshape(tokens, d)
+        v = product(v, blocks)
         return PermuteCopy.apply(v, (tokens, segments, c_low, c_high, half), (0, 1, 3, 2, 4)).reshape(*lead, d)
 
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ
