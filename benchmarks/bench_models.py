@@ -153,10 +153,12 @@ def peft_boft_m(model) -> str:
     return "true m" if layer._FBD_CUDA else "ran with m=1: CUDA extension did not build"
 
 
-def with_lycoris(wrapper, base, targets, bypass: bool):
+def with_lycoris(base, targets, bypass: bool):
     """A copy of ``base`` with lycoris-lora's BOFT on the layers our adapters target."""
+    from bench_layers import WithLycoris  # the layer benchmark's wrapper (this script's folder is on sys.path)
+
     model = copy.deepcopy(base)
-    return wrapper(model, dict(find_targets(model, bv.LoRAConfig(target_modules=targets))), bypass)
+    return WithLycoris(model, dict(find_targets(model, bv.LoRAConfig(target_modules=targets))), bypass)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -251,13 +253,11 @@ def main() -> None:
                                  for k, c in peft_configs(targets).items()})
                 builders["PEFT BOFT m=2 b=8, true m forced"] = lambda base=base: peft_true_m(base, targets)
             if args.lycoris:
-                from bench_layers import WithLycoris
-
                 full = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, target_modules=targets)
                 builders["ours BOFT full b=8"] = lambda full=full, base=base: bv.add_adapter(copy.deepcopy(base), full)
                 for mode, bypass in (("weight mode", False), ("bypass mode", True)):
-                    builders[f"LyCORIS BOFT full b=8 ({mode})"] = lambda bypass=bypass, base=base: with_lycoris(
-                        WithLycoris, base, targets, bypass)
+                    builders[f"LyCORIS BOFT full b=8 ({mode})"] = \
+                        lambda bypass=bypass, base=base, targets=targets: with_lycoris(base, targets, bypass)
             if args.compile:
                 for k in ("ours LoRA r=16", "ours BOFT m=2 b=8"):
                     builders[k + " compiled"] = lambda k=k: torch.compile(builders[k]())
