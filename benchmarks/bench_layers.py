@@ -27,6 +27,7 @@ from torch import nn
 
 import boftvision as bv
 from boftvision.adapters import OrthogonalAdapter
+from boftvision.inject import find_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -78,9 +79,10 @@ class WithLycoris(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def lycoris_stack(base: nn.Sequential, bypass: bool) -> WithLycoris:
+def with_lycoris(base: nn.Module, targets, bypass: bool) -> WithLycoris:
+    """A copy of ``base`` with lycoris-lora's BOFT on the layers our adapters would target."""
     model = copy.deepcopy(base)
-    return WithLycoris(model, {str(i): layer for i, layer in enumerate(model)}, bypass)
+    return WithLycoris(model, dict(find_targets(model, bv.LoRAConfig(target_modules=targets))), bypass)
 
 
 def make_step(model, x, train=True):
@@ -178,7 +180,7 @@ def main() -> None:
         else:
             for mode, bypass in (("weight mode", False), ("bypass mode", True)):
                 candidates.append((f"LyCORIS BOFT full b=8 ({mode})",
-                                   lambda bypass=bypass: lycoris_stack(base, bypass)))
+                                   lambda bypass=bypass: with_lycoris(base, targets, bypass)))
         if not args.no_peft:
             import peft
             from peft_reference import peft_model

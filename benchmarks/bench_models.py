@@ -153,14 +153,6 @@ def peft_boft_m(model) -> str:
     return "true m" if layer._FBD_CUDA else "ran with m=1: CUDA extension did not build"
 
 
-def with_lycoris(base, targets, bypass: bool):
-    """A copy of ``base`` with lycoris-lora's BOFT on the layers our adapters target."""
-    from bench_layers import WithLycoris  # the layer benchmark's wrapper (this script's folder is on sys.path)
-
-    model = copy.deepcopy(base)
-    return WithLycoris(model, dict(find_targets(model, bv.LoRAConfig(target_modules=targets))), bypass)
-
-
 # --- timing --------------------------------------------------------------------------------------
 def sync(device):
     if device == "cuda":
@@ -253,6 +245,8 @@ def main() -> None:
                                  for k, c in peft_configs(targets).items()})
                 builders["PEFT BOFT m=2 b=8, true m forced"] = lambda base=base: peft_true_m(base, targets)
             if args.lycoris:
+                from bench_layers import with_lycoris  # this script's folder is on sys.path
+
                 full = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, target_modules=targets)
                 builders["ours BOFT full b=8"] = lambda full=full, base=base: bv.add_adapter(copy.deepcopy(base), full)
                 for mode, bypass in (("weight mode", False), ("bypass mode", True)):

@@ -7,9 +7,9 @@
 tiny pipeline. With ``--interpolate`` (a BOFT/OFT adapter) the grid holds, left to right, the fine-tuned
 model and then 1, …, m butterfly components set to identity, and last the base model (all components
 identity and the output scale reset); every image starts from the same initial noise, so only the
-adapter changes along the row. With ``--control IMAGE`` (an adapter
-from train_controlnet_boft.py) the control image comes first and every image but the base one is
-generated under it (the paper's Fig. 10 path from control-following to the unconditioned model).
+adapter changes along the row. With ``--control IMAGE`` (an adapter from train_controlnet_boft.py) the
+control image comes first and every image but the base one is generated under it (the paper's Fig. 10
+path from control-following to the unconditioned model).
 """
 from __future__ import annotations
 
