@@ -82,3 +82,10 @@ def test_model_benchmark_writes_lycoris_rows_to_json(tmp_path):
     assert {"frozen base", "ours BOFT full b=8", "LyCORIS BOFT full b=8 (weight mode)",
             "LyCORIS BOFT full b=8 (bypass mode)"} <= set(rows)
     assert rows["frozen base"]["x_frozen"] == 1.0 and all(r["step_ms"] > 0 for r in rows.values())
+
+
+def test_ops_benchmark_times_every_piece():
+    out = run("benchmarks/bench_ops.py", "--width", "64", "--tokens", "32", "--iters", "1")
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| piece")}
+    assert len(rows) == 6 and all(ms > 0 for ms in rows.values())

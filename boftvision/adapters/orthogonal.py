@@ -71,12 +71,13 @@ def block_size_for_layer(shape: LayerShape, config: BOFTConfig | OFTConfig, n_fa
 SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakref.WeakKeyDictionary()
 
 # MAC-equivalents per element of one memory-bound pass over activations, per device type (see
-# choose_side). CPU: on a quiet 2-core x86 CPU, 2048 fp32 tokens of a 1024-wide layer take 33 ms for one
-# of its GEMMs (2.1 G MACs), 9.4 ms for a collapsed block product's forward + backward (3 passes) and
-# 20.5 ms for the two block products': ~100 MACs per element and pass, two products ≈ 2 passes.
-# H100: measured with benchmarks/bench_models.py, where the weight side won on DINOv2-L and SD's UNet (an
-# activation pass there is a handful of permute/copy kernels, a GEMM runs near 800 TFLOP/s)
-PASS_COST = {"cpu": 100, "cuda": 4000}
+# choose_side). CPU: `python benchmarks/bench_ops.py` on a 2-core x86 CPU (1024-wide layer, 2048 fp32
+# tokens, several runs): one GEMM of the layer 24–30 ms (2.1 G MACs), a collapsed block product's forward
+# + backward (3 passes) 10–13 ms, the two block products' 25–27 ms: ~150 MACs per element and pass, two
+# products ≈ 2 passes. H100: measured with benchmarks/bench_models.py, where the weight side won on
+# DINOv2-L and SD's UNet (an activation pass there is a handful of permute/copy kernels, a GEMM runs near
+# 800 TFLOP/s)
+PASS_COST = {"cpu": 150, "cuda": 4000}
 TWO_PRODUCT_PASSES = 2  # two block products and their permuted copies, in units of one collapsed pass
 COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
 

@@ -320,7 +320,8 @@ def permute_copy(x: torch.Tensor, sizes: tuple[int, ...], dims: tuple[int, ...])
 
     The last axis moves as one wider element (up to 16 bytes, reinterpreted, so the copy is bitwise):
     PyTorch's CPU copy moves runs of 4 floats as complex128 elements several times faster than as floats
-    (2048 × 1024 fp32 in 4-float chunks: 0.5 ms against 2.8 ms on a 2-core x86 CPU).
+    (2048 × 1024 fp32 in 4-float chunks: 0.3–0.5 ms against 1.2–2.4 ms on a 2-core x86 CPU,
+    ``benchmarks/bench_ops.py``).
     A compiled graph gets the plain permute (its own generated copy; no complex dtypes in it).
     """
     v = x.reshape(sizes)

@@ -1,0 +1,74 @@
+"""The pieces of an OFT/BOFT layer's cost on one 1024-wide layer (2048 fp32 tokens by default), in ms
+(minimum over ``--iters``): one GEMM of the layer, the collapsed block product (m = 2, b = 8: 16-wide
+blocks) forward + backward, the full butterfly's two block products forward + backward and forward
+alone, and the permuted copy that moves 4-float chunks as 16-byte elements against a plain permute.
+These are the measurements behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``).
+
+    python benchmarks/bench_ops.py
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from boftvision.ops.orthogonal import (
+    apply_two_product,
+    block_product,
+    cayley,
+    collapse_butterfly,
+    permute_copy,
+    skew_from_square,
+    two_product_operands,
+)
+
+
+def best_ms(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
+def forward_backward(fn, *inputs):
+    def run():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--iters", type=int, default=25)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    d, t, b = args.width, args.tokens, 8
+    x, weight = torch.randn(t, d), torch.randn(d, d)
+    m2 = collapse_butterfly(cayley(skew_from_square(0.1 * torch.randn(2, d // b, b, b))))
+    full_m = d.bit_length() - b.bit_length() + 1  # log2(d / b) + 1
+    low, high = two_product_operands(cayley(skew_from_square(0.1 * torch.randn(full_m, d // b, b, b))))
+    chunks = (t, 16, d // 64, b // 2)  # (tokens, j, l, b/2) as in the high product
+    rows = {
+        "GEMM x W^T (forward only)": lambda: x @ weight.T,
+        "collapsed block product m=2 b=8, forward + backward": forward_backward(block_product, x, m2),
+        f"two block products (full butterfly m={full_m}, b=8), forward + backward":
+            forward_backward(lambda v, lo, hi: apply_two_product(v, lo, hi, full_m, b), x, low, high),
+        "two block products, forward": lambda: apply_two_product(x, low, high, full_m, b),
+        "permuted copy, b/2-chunks as 16-byte elements": lambda: permute_copy(x, chunks, (0, 2, 1, 3)),
+        "permuted copy, plain permute": lambda: x.reshape(chunks).permute(0, 2, 1, 3).contiguous(),
+    }
+    print(f"width={d} tokens={t} fp32 torch={torch.__version__} threads={torch.get_num_threads()}")
+    print("| piece | ms |\n|---|---|")
+    for label, fn in rows.items():
+        print(f"| {label} | {best_ms(fn, args.iters):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
