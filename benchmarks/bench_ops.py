@@ -67,7 +67,7 @@ def main() -> None:
     print(f"width={d} tokens={t} fp32 torch={torch.__version__} threads={torch.get_num_threads()}")
     print("| piece | ms |\n|---|---|")
     for label, fn in rows.items():
-        print(f"| {label} | {best_ms(fn, args.iters):.2f} |")
+        print(f"| {label} | {best_ms(fn, args.iters):.3f} |")
 
 
 if __name__ == "__main__":

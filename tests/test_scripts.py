@@ -85,7 +85,7 @@ def test_model_benchmark_writes_lycoris_rows_to_json(tmp_path):
 
 
 def test_ops_benchmark_times_every_piece():
-    out = run("benchmarks/bench_ops.py", "--width", "64", "--tokens", "32", "--iters", "1")
+    out = run("benchmarks/bench_ops.py", "--width", "128", "--tokens", "64", "--iters", "1")
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| piece")}
     assert len(rows) == 6 and all(ms > 0 for ms in rows.values())
