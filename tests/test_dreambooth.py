@@ -5,6 +5,7 @@ import json
 import shutil
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,17 @@ from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes, writ
 import boftvision as bv
 from boftvision.adapters import METHODS
 from boftvision.data.dreambooth import tokenize
-from boftvision.data.shapes import INSTANCE_PROMPT
+from boftvision.data.shapes import CLASS_PROMPT, COLOURS, INSTANCE_PROMPT, SHAPES, WORDS
 from boftvision.generate import interpolation_path, set_identity_components
-from boftvision.integrations.diffusers import TEXT_ENCODER_PRESETS, UNET_PRESETS, attach_adapters, load_pipeline
+from boftvision.integrations.diffusers import (
+    EMBEDDED,
+    TEXT_ENCODER_PRESETS,
+    UNET_PRESETS,
+    attach_adapters,
+    load_pipeline,
+    pipeline_from_components,
+    tiny_components,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
@@ -165,6 +174,27 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="unet/adapter_config.json"):
         attach_adapters(load_pipeline(setup / "model"), tmp_path / "empty")
     assert TEXT_ENCODER_PRESETS["qv"] == ["q_proj", "v_proj"]
+
+
+def test_embedded_tokenizer_holds_every_bundled_caption():
+    """The embedded pipeline reads each caption it was trained on whole, end token included (none is
+    cut to the text encoder's positions); its frozen text encoder is exactly the recipe's draw, and
+    building the pipeline from the recipe's components warns about nothing."""
+    pipe = load_pipeline(EMBEDDED)
+    captions = [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES] + [CLASS_PROMPT, INSTANCE_PROMPT,
+                                                                            f"{INSTANCE_PROMPT} on the left"]
+    limit = pipe.tokenizer.model_max_length
+    assert pipe.text_encoder.config.max_position_embeddings == limit
+    for caption in captions:
+        ids = pipe.tokenizer(caption).input_ids
+        assert len(ids) <= limit and ids[-1] == pipe.tokenizer.eos_token_id, (caption, len(ids), limit)
+    components = tiny_components(WORDS, seed=json.loads((EMBEDDED / "boftvision_training.json").read_text())["seed"])
+    drawn = components["text_encoder"].state_dict()
+    assert all(torch.equal(drawn[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline_from_components(components)
+    assert [str(w.message) for w in caught] == []
 
 
 def test_accelerate_launch_two_processes(setup, tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-TINY = {"image_size": 32, "latent_channels": 4, "width": 32, "text_width": 32, "max_length": 16}
+TINY = {"image_size": 32, "latent_channels": 4, "width": 32, "text_width": 32, "max_length": 20}
+# the text encoder is drawn with this many positions and then given the rest (see tiny_components)
+DRAWN_POSITIONS = 16
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -25,12 +27,12 @@ def build_clip_tokenizer(words: list[str], max_length: int):
     tokenizes (into byte-level pieces), as with CLIP's own vocabulary.
 
     Merges are ranked in the order they are learned, and BPE applies the best-ranked one first, so an
-    earlier word's merge can split a later word: "r e" (from "red") leaves "green" as g·re·e·n. The
-    embedded pipeline was trained with exactly these pieces — "a photo of a green triangle" is 17 tokens
-    for its 16 positions, the end token cut — and they are kept: its frozen random text encoder tells
-    the colours and shapes apart by these multi-token spellings. A retrain with every word as one token
-    (a merge order that cannot split later words) followed the 12 colour × shape prompts on 35 % of 16
-    seeds against 88 % for this one (measured with ``eval_dreambooth.py``'s shape scores); a single-token
+    earlier word's merge can split a later word: "r e" (from "red") leaves "green" as g·re·e·n, and the
+    longest caption, "a photo of a green triangle", takes 17 tokens (``TINY["max_length"]`` leaves room
+    for it). These multi-token spellings are kept on purpose: the embedded pipeline's frozen random text
+    encoder tells the colours and shapes apart by them. A retrain with every word as one token (a merge
+    order that cannot split later words) followed the 12 colour × shape prompts on 35 % of 16 seeds
+    against 84–88 % with these pieces (measured with ``eval_dreambooth.py``'s shape scores); a single-token
     vocabulary needs a trained or wider text encoder first."""
     from transformers import CLIPTokenizer
 
@@ -49,9 +51,29 @@ def build_clip_tokenizer(words: list[str], max_length: int):
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
 
 
+def add_positions(text_encoder, positions: int, seed: int) -> None:
+    """Extend a CLIP text encoder's position embeddings to ``positions``; the new rows are drawn as CLIP
+    initialises them, from a generator of their own (the global random stream is left as it was)."""
+    embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings  # transformers 4 nests it
+    old = embeddings.position_embedding.weight.data
+    std = 0.02 * text_encoder.config.initializer_factor
+    extra = torch.randn(positions - old.shape[0], old.shape[1], generator=torch.Generator().manual_seed(seed)) * std
+    embeddings.position_embedding = torch.nn.Embedding.from_pretrained(torch.cat([old, extra]), freeze=False)
+    embeddings.register_buffer("position_ids", torch.arange(positions).expand((1, -1)), persistent=False)
+    text_encoder.config.max_position_embeddings = positions
+
+
 def tiny_components(words: list[str], seed: int = 0) -> dict:
     """Untrained components of the embedded pipeline: VAE (32 px → 4×16×16 latents), UNet with
-    cross-attention at both resolutions (width 32/64), 2-layer CLIP text encoder, tokenizer, DDPM."""
+    cross-attention at both resolutions (width 32/64), 2-layer CLIP text encoder, tokenizer, DDPM.
+
+    The frozen random text encoder is what the UNet learns to read, and how well it tells the prompts
+    apart depends on its draw: it is drawn with ``DRAWN_POSITIONS`` (16) positions and then given the
+    others by :func:`add_positions`, so that it and every later weight keep the draw of the first
+    embedded pipeline (16 positions), whose base model drew its 12 colour × shape prompts right in 88 %
+    of 16 seeds (84 % after the retrain with 20 positions); drawing all 20 positions at once shifted
+    every later draw, and that retrain came out at 66 % (``train_scripts/eval_dreambooth.py``'s shape
+    scores)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -60,9 +82,10 @@ def tiny_components(words: list[str], seed: int = 0) -> dict:
     tokenizer = build_clip_tokenizer(words, t["max_length"])
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=t["text_width"], intermediate_size=2 * t["text_width"],
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=t["max_length"],
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=DRAWN_POSITIONS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, projection_dim=t["text_width"]))
+    add_positions(text_encoder, t["max_length"], seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=t["latent_channels"],
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
@@ -81,7 +104,8 @@ def tiny_components(words: list[str], seed: int = 0) -> dict:
 def pipeline_from_components(components: dict):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    scheduler = DDIMScheduler.from_config(components["scheduler"].config)
+    # steps_offset=1 is what StableDiffusionPipeline sets itself (with a deprecation warning) otherwise
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
                                    tokenizer=components["tokenizer"], unet=components["unet"], scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
