@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
         "--max_train_steps", str(args.steps), "--checkpointing_steps", "200", "--seed", str(args.seed),
         "--resume_from_checkpoint", "latest", "--validation_image", str(test / "conditioning_images" / "00000.png"),
         "--validation_prompt", "a photo of a red circle", "--validation_steps", "200"])
-    scores = eval_control.main(["--adapter", str(run), "--data_dir", str(test), "--compare_base",
+    scores = eval_control.main(["--adapter_path", str(run), "--data_dir", str(test), "--compare_base",
                                 "--out", str(out / "control_error.json")])
     pipe = load_pipeline()
     attach_adapters(pipe, run)

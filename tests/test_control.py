@@ -122,8 +122,8 @@ def test_bundled_control_adapter_beats_the_base_model(tmp_path):
     control says: its mask error is lower than the base model's on held-out controls."""
     rng = np.random.default_rng(123)
     folder = write_triplets(tmp_path / "test", [control_example(rng, 32) for _ in range(8)])
-    result = eval_control.main(["--adapter", str(EMBEDDED_CONTROL), "--data_dir", str(folder), "--steps", "10",
-                                "--compare_base", "--out", str(tmp_path / "r.json")])
+    result = eval_control.main(["--adapter_path", str(EMBEDDED_CONTROL), "--data_dir", str(folder),
+                                "--num_inference_steps", "10", "--compare_base", "--out", str(tmp_path / "r.json")])
     assert result["adapted"]["mask_error"] < result["base"]["mask_error"] - 0.1
     assert json.loads((tmp_path / "r.json").read_text()) == result
     pipe = load_pipeline(EMBEDDED)
