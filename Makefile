@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DB_LR ?= 1e-3
 DB_STEPS ?= 400
-DB_TARGETS ?= attention
+DB_TARGETS ?= attention_ff
 
 .PHONY: all setup browser needs-setup demo compare control-demo core-demo tiny-sd lint test test-all bench expressiveness clean
 

@@ -4,8 +4,9 @@ trainable / stored parameters and training seconds, with and without prior prese
 
     python benchmarks/compare_dreambooth.py --output_dir outputs/compare     # = make compare
 
-Every run is the main job's (`make demo`): the bundled subject, UNet attention + text encoder q/v,
-400 steps, batch 1, seed 0, 20 class images. Each method is first swept over its learning rates
+Every run is the main job's task (`make demo`) on the UNet attention only (the main job adapts the
+feed-forward layers too): the bundled subject, UNet attention + text encoder q/v, 400 steps, batch 1,
+seed 0, 20 class images. Each method is first swept over its learning rates
 (``RATES``, or ``--learning_rates`` for all) with prior preservation; the rate with the best mean of
 subject fidelity and prompt preservation is kept and also trained without prior preservation. Runs
 already in ``--output_dir`` are reused (a killed comparison resumes). Writes compare.md and compare.json

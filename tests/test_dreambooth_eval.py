@@ -159,7 +159,7 @@ def test_shape_scores_of_the_bundled_subject_adapter(tmp_path):
                                     "--guidance_scale", "4", "--compare_base", "--output_dir", str(tmp_path)])
     adapter, base = results["adapter"], results["base"]
     assert base["subject fidelity"]["mean"] == 0.0
-    assert adapter["subject fidelity"]["mean"] >= 0.25  # 2 of 16 seeds draw it, seed 1 among these 4
+    assert adapter["subject fidelity"]["mean"] >= 0.5
     assert base["prompt preservation"]["mean"] >= 0.75
     assert 0 <= adapter["prompt preservation"]["mean"] <= 1
     assert len(adapter["drawn"]) == 13 and all(len(v) == 4 for v in adapter["drawn"].values())
