@@ -4,9 +4,9 @@ trainable / stored parameters and training seconds, with and without prior prese
 
     python benchmarks/compare_dreambooth.py --output_dir outputs/compare     # = make compare
 
-Every run is the main job's task (`make demo`) on the UNet attention only (the main job adapts the
-feed-forward layers too): the bundled subject, UNet attention + text encoder q/v, 400 steps, batch 1,
-seed 0, 20 class images. Each method is first swept over its learning rates
+Every run is the main job's task (`make demo`): the bundled subject, UNet attention (``--unet_targets``;
+the main job adapts the feed-forward layers too, ``attention_ff``) + text encoder q/v, 400 steps,
+batch 1, seed 0, 20 class images. Each method is first swept over its learning rates
 (``RATES``, or ``--learning_rates`` for all) with prior preservation; the rate with the best mean of
 subject fidelity and prompt preservation is kept and also trained without prior preservation. Runs
 already in ``--output_dir`` are reused (a killed comparison resumes). Writes compare.md and compare.json
@@ -25,6 +25,7 @@ import eval_dreambooth  # noqa: E402
 import train_dreambooth_boft  # noqa: E402
 
 from boftvision.files import write_text_atomic  # noqa: E402
+from boftvision.integrations.diffusers import UNET_PRESETS  # noqa: E402
 
 # sizes that divide the tiny pipeline's widths (UNet 32/64, text encoder 32)
 ADAPTERS = {
@@ -50,7 +51,7 @@ def train_and_score(out: Path, adapter_flags: list[str], lr: float, prior: bool,
     scores_file = out / "eval" / "results.json"
     if not (out / "results.json").is_file():  # results.json is written last: the run is complete
         flags = ["--instance_data_dir", str(SUBJECT), "--instance_prompt", "a photo of sks shape",
-                 "--train_text_encoder", "--unet_targets", "attention", "--learning_rate", str(lr),
+                 "--train_text_encoder", "--unet_targets", args.unet_targets, "--learning_rate", str(lr),
                  "--max_train_steps", str(args.max_train_steps), "--seed", "0", "--output_dir", str(out),
                  "--overwrite_output_dir", *adapter_flags]
         if prior:
@@ -86,6 +87,8 @@ def main(argv=None) -> dict:
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="which rows (names as in the table)")
     p.add_argument("--max_train_steps", type=int, default=400)
     p.add_argument("--num_seeds", type=int, default=16)
+    p.add_argument("--unet_targets", choices=list(UNET_PRESETS), default="attention",
+                   help="UNet layers every run adapts (attention_ff is the main job's)")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     given = [float(x) for x in args.learning_rates.split(",")] if args.learning_rates else None
