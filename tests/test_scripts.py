@@ -89,3 +89,34 @@ def test_ops_benchmark_times_every_piece():
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| piece")}
     assert len(rows) == 6 and all(ms > 0 for ms in rows.values())
+
+
+def test_dreambooth_comparison_trains_every_run_on_the_chosen_unet_layers(tmp_path, monkeypatch):
+    """compare_dreambooth.py passes --unet_targets to every run (training itself is replaced here by a
+    recorder writing the files a finished run leaves) and refuses a preset that does not exist."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_dreambooth
+
+    trained = []
+
+    def train(flags):
+        trained.append(flags)
+        out = Path(flags[flags.index("--output_dir") + 1])
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"trainable_parameters": 1, "stored_parameters": 1,
+                                                      "seconds": 1.0}))
+
+    def score(flags):
+        out = Path(flags[flags.index("--output_dir") + 1])
+        out.mkdir(parents=True)
+        scores = {"subject fidelity": {"mean": 0.5}, "prompt preservation": {"mean": 0.5}}
+        (out / "results.json").write_text(json.dumps({"results": {"adapter": scores, "base": scores}}))
+
+    monkeypatch.setattr(compare_dreambooth.train_dreambooth_boft, "main", train)
+    monkeypatch.setattr(compare_dreambooth.eval_dreambooth, "main", score)
+    compare_dreambooth.main(["--output_dir", str(tmp_path), "--unet_targets", "attention_ff", "--learning_rates",
+                             "1e-3,2e-3", "--adapters", "BOFT m=2 b=8"])
+    assert len(trained) == 3  # two rates with prior preservation, the best without
+    assert all(f[f.index("--unet_targets") + 1] == "attention_ff" for f in trained)
+    with pytest.raises(SystemExit):
+        compare_dreambooth.main(["--output_dir", str(tmp_path), "--unet_targets", "attention_only"])
