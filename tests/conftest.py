@@ -79,19 +79,36 @@ def tiny_sd(tmp_path_factory):
     return path
 
 
-def accelerate_launch_two_cpu_processes(script, script_args) -> None:
-    """Run a training script under ``accelerate launch --num_processes 2 --cpu``; fail with its stderr."""
+def accelerate_launch_two_cpu_processes(script, script_args, engine: str = "ddp", wrap: str | None = None,
+                                        report=None):
+    """Run a training script in two CPU processes (gloo) under ``accelerate launch``; fail with its stderr.
+
+    ``engine``: "ddp" (accelerate's multi-process CPU launch) or "fsdp1"/"fsdp2": the shipped
+    ``configs/accelerate/fsdp*.yaml`` through ``tests/accelerate_fsdp_cpu.py`` (accelerate turns FSDP on only
+    for accelerator devices), with ``wrap`` as the auto-wrapped block classes and FSDP1's
+    ``sync_module_states`` off (not supported on CPU). ``report``: a path prefix each FSDP process writes
+    what accelerate prepared to (``<report>.<rank>``).
+    """
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(root / "train_scripts" / script), *script_args]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    target = [str(root / "train_scripts" / script)]
+    if engine == "ddp":
+        command.append("--multi_gpu")  # torchrun's two processes; ACCELERATE_USE_CPU makes them CPU + gloo
+    else:
+        command += ["--config_file", str(root / "configs" / "accelerate" / f"{engine}.yaml")]
+        command += ["--fsdp_sync_module_states", "false"] if engine == "fsdp1" else []
+        command += ["--fsdp_transformer_layer_cls_to_wrap", wrap] if wrap else []
+        target.insert(0, str(root / "tests" / "accelerate_fsdp_cpu.py"))
+        if report:
+            env["BOFTVISION_FSDP_REPORT"] = str(report)
+    run = subprocess.run([*command, *target, *script_args], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
 

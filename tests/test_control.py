@@ -136,6 +136,7 @@ def test_control_accelerate_launch_two_processes(setup, tmp_path):
     accelerate_launch_two_cpu_processes("train_controlnet_boft.py", args(
         setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
     result = json.loads((tmp_path / "results.json").read_text())
+    assert result["processes"] == 2  # two processes really shared the run (not two lone ones)
     assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     assert ControlEncoder.load(tmp_path).out.weight.abs().max() > 0
 

@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     unet.train()
     run = train_steps(accelerator, args, trained, [unet, encoder], optimizer, lr_scheduler, loader, loss_fn,
                       validate_at if args.validation_image else None)
-    result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
+    result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter, "processes": accelerator.num_processes,
               "trainable_parameters": counts.trainable, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     if args.adapter != "none":  # every process: a sharded model's adapter is gathered; process 0 writes

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -285,6 +285,10 @@ def main(argv=None) -> dict:
                      keep=(args.instance_data_dir, args.class_data_dir))
     out = Path(args.output_dir)
     accelerator = accelerator_from_args(args)
+    if args.train_text_encoder and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("--train_text_encoder under FSDP: accelerate shards one trained model per run (FSDP2 "
+                         "refuses more, FSDP1's block classes must all be in each), here the UNet; drop "
+                         "--train_text_encoder, or train both under DDP (configs/accelerate/ddp.yaml)")
     set_seed(args.seed)
     list_images(args.instance_data_dir, "--instance_data_dir", True, args.skip_bad_files)  # before any model
     if args.with_prior_preservation:
@@ -371,7 +375,7 @@ def main(argv=None) -> dict:
         encoder.train(args.train_text_encoder)
     run = train_steps(accelerator, args, trained, [unet, *encoders.values()] if args.train_text_encoder else [unet],
                       optimizer, lr_scheduler, loader, loss_fn, validate_at if args.validation_prompt else None)
-    result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter,
+    result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter, "processes": accelerator.num_processes,
               "instance_prompt": args.instance_prompt,
               "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}

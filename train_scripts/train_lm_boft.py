@@ -147,7 +147,8 @@ def train(args) -> dict:
             else:
                 epoch += 1
     progress.close()
-    result = {"steps": step, "losses": losses, **vars(bv.count_parameters(accelerator.unwrap_model(model)))}
+    result = {"steps": step, "losses": losses, "processes": accelerator.num_processes,
+              **vars(bv.count_parameters(accelerator.unwrap_model(model)))}
     bv.save_adapter(model, out / "adapter")  # every process: FSDP's shards are gathered, process 0 writes
     if accelerator.is_main_process:
         write_text_atomic(out / "results.json", json.dumps(result, indent=2))

@@ -254,6 +254,7 @@ def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: st
     the main process deletes.
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     out = Path(output_dir)
     keep_paths = {Path(k).resolve() for k in keep if k}
@@ -267,7 +268,9 @@ def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: st
         raise FileExistsError(f"output_dir {out} holds another run ({listed}); "
                               "pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to "
                               "continue it, or choose another --output_dir")
-    state = PartialState()
+    # the first state of the run decides the backend: honour ACCELERATE_USE_CPU as the Accelerator made
+    # next would (a bare PartialState() takes a multi-process CPU launch for unrelated single processes)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if others and overwrite and not resuming and state.is_main_process:
         for p in others:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ...sharding import unwrap
+
 
 class ControlEncoder(torch.nn.Module):
     """The light control-signal encoder: conv + SiLU stages, each stage a 3×3 conv then a stride-2
@@ -79,7 +81,7 @@ class control_signal:  # a context manager, used like a function
         return output + features
 
     def __enter__(self):
-        self.handle = self.unet.conv_in.register_forward_hook(self._add)
+        self.handle = unwrap(self.unet).conv_in.register_forward_hook(self._add)  # DDP's: on the UNet inside
         return self
 
     def __exit__(self, *exc):
