@@ -79,15 +79,17 @@ def tiny_sd(tmp_path_factory):
     return path
 
 
-def accelerate_launch_two_cpu_processes(script, script_args, engine: str = "ddp", wrap: str | None = None,
-                                        report=None):
-    """Run a training script in two CPU processes (gloo) under ``accelerate launch``; fail with its stderr.
+def accelerate_launch(script, script_args, engine: str = "ddp", wrap: str | None = None, report=None,
+                      processes: int = 2, device: str = "cpu", mixed_precision: str = "no") -> None:
+    """Run a training script under ``accelerate launch``; fail with its stderr. Default: two CPU
+    processes over gloo.
 
-    ``engine``: "ddp" (accelerate's multi-process CPU launch) or "fsdp1"/"fsdp2": the shipped
-    ``configs/accelerate/fsdp*.yaml`` through ``tests/accelerate_fsdp_cpu.py`` (accelerate turns FSDP on only
-    for accelerator devices), with ``wrap`` as the auto-wrapped block classes and FSDP1's
-    ``sync_module_states`` off (not supported on CPU). ``report``: a path prefix each FSDP process writes
-    what accelerate prepared to (``<report>.<rank>``).
+    ``engine``: "ddp" (accelerate's multi-process launch) or "fsdp1"/"fsdp2": the shipped
+    ``configs/accelerate/fsdp*.yaml`` through ``tests/accelerate_fsdp_cpu.py`` (on CPU it turns accelerate's
+    FSDP on, which accelerate enables only for accelerator devices; on CUDA it only reports), with
+    ``wrap`` as the auto-wrapped block classes; on CPU FSDP1's ``sync_module_states`` is off (not supported
+    there). ``report``: a path prefix each FSDP process writes what accelerate prepared to
+    (``<report>.<rank>``).
     """
     import os
     import subprocess
@@ -95,21 +97,47 @@ def accelerate_launch_two_cpu_processes(script, script_args, engine: str = "ddp"
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "true"  # torchrun's processes on CPU + gloo
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision,
+               "--dynamo_backend", "no"]
     target = [str(root / "train_scripts" / script)]
     if engine == "ddp":
-        command.append("--multi_gpu")  # torchrun's two processes; ACCELERATE_USE_CPU makes them CPU + gloo
+        command += ["--multi_gpu"] if processes > 1 else []
     else:
         command += ["--config_file", str(root / "configs" / "accelerate" / f"{engine}.yaml")]
-        command += ["--fsdp_sync_module_states", "false"] if engine == "fsdp1" else []
+        command += ["--fsdp_sync_module_states", "false"] if engine == "fsdp1" and device == "cpu" else []
         command += ["--fsdp_transformer_layer_cls_to_wrap", wrap] if wrap else []
         target.insert(0, str(root / "tests" / "accelerate_fsdp_cpu.py"))
         if report:
             env["BOFTVISION_FSDP_REPORT"] = str(report)
     run = subprocess.run([*command, *target, *script_args], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def lm_run_inputs(tmp_path_factory):
+    """A tiny Llama with its tokenizer, and 48 instruction rows (6 optimizer steps at 2 × 4)."""
+    import json
+
+    from test_language import NEGATIVE, POSITIVE, SUBJECTS, tiny, tokenizer_dir
+
+    root = tmp_path_factory.mktemp("lm-accelerate")
+    tiny("llama").save_pretrained(root / "llama")
+    tokenizer_dir(root / "llama", "word")
+    rows = [{"prompt": f"question {s} was {a} .", "response": f"answer {'yes' if a in POSITIVE else 'no'}"}
+            for s in SUBJECTS for a in POSITIVE[:2] + NEGATIVE[:2]]
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def lm_script_args(inputs, out, *extra) -> list[str]:
+    """train_lm_boft.py on :func:`lm_run_inputs`: one epoch, batch 4, BOFT b=4 without dropout."""
+    return ["--pretrained_model_name_or_path", str(inputs / "llama"), "--train_file", str(inputs / "train.jsonl"),
+            "--num_train_epochs", "1", "--train_batch_size", "4", "--learning_rate", "1e-2", "--boft_block_size", "4",
+            "--boft_dropout", "0", "--output_dir", str(out), *extra]
 
 
 def write_instance_images(folder, n: int = 2):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes
+from conftest import SD_ADAPTER_SIZES, accelerate_launch
 from PIL import Image
 
 from boftvision.adapters import METHODS
@@ -133,7 +133,7 @@ def test_bundled_control_adapter_beats_the_base_model(tmp_path):
 
 
 def test_control_accelerate_launch_two_processes(setup, tmp_path):
-    accelerate_launch_two_cpu_processes("train_controlnet_boft.py", args(
+    accelerate_launch("train_controlnet_boft.py", args(
         setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["processes"] == 2  # two processes really shared the run (not two lone ones)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes, write_instance_images
+from conftest import SD_ADAPTER_SIZES, accelerate_launch, write_instance_images
 
 import boftvision as bv
 from boftvision.adapters import METHODS
@@ -198,7 +198,7 @@ def test_embedded_tokenizer_holds_every_bundled_caption():
 
 
 def test_accelerate_launch_two_processes(setup, tmp_path):
-    accelerate_launch_two_cpu_processes("train_dreambooth_boft.py", args(
+    accelerate_launch("train_dreambooth_boft.py", args(
         setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["processes"] == 2  # two processes really shared the run (not two lone ones)

@@ -75,3 +75,44 @@ def test_cuda_compiled_boft_equals_eager_with_gradients():
         grads.append([o.detach() for o in out] + [p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_lm_and_dreambooth_scripts_under_accelerates_fsdp_on_cuda(engine, lm_run_inputs, tiny_sd, tmp_path):
+    """The scripts under `accelerate launch --config_file configs/accelerate/<engine>.yaml` on one GPU, the
+    shipped config as it is (accelerate allows FSDP on one GPU): accelerate wrapped the blocks, the fp32 run
+    equals the unsharded one (≤ 1e-4), and a bf16 run keeps its loss falling and writes fp32 adapters."""
+    import json
+
+    from conftest import SD_ADAPTER_SIZES, accelerate_launch, lm_script_args, write_instance_images
+    from safetensors.torch import load_file
+
+    def adapter(out, part):
+        return load_file(out / part / "adapter_model.safetensors")
+
+    plain, sharded = tmp_path / "lm-plain", tmp_path / "lm-fsdp"
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, plain), processes=1, device="cuda")
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, sharded), engine, processes=1,
+                      device="cuda", report=tmp_path / "lm-report")
+    assert f"DistributedType.FSDP fsdp_version={engine[-1]} processes=1" in (tmp_path / "lm-report.0").read_text()
+    ours, theirs = adapter(sharded, "adapter"), adapter(plain, "adapter")
+    assert all((ours[k] - theirs[k]).abs().max() <= 1e-4 for k in theirs)
+    bf16 = tmp_path / "lm-bf16"
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, bf16), engine, processes=1, device="cuda",
+                      mixed_precision="bf16")
+    losses = json.loads((bf16 / "results.json").read_text())["losses"]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    assert all(t.dtype == torch.float32 for t in adapter(bf16, "adapter").values())
+
+    write_instance_images(tmp_path / "instance", 2)
+    steady = ("--adam_epsilon", "1")  # AdamW ≈ SGD: float noise in near-zero gradients is not turned into ±lr
+    runs = {}
+    for name, extra in (("plain", {}), ("fsdp", {"engine": engine, "wrap": "BasicTransformerBlock,ResnetBlock2D"})):
+        runs[name] = tmp_path / f"db-{name}"
+        accelerate_launch("train_dreambooth_boft.py", [
+            "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
+            "--instance_prompt", "a photo of sks shape", "--output_dir", str(runs[name]), "--seed", "0",
+            "--train_batch_size", "2", "--learning_rate", "0.05", "--boft_dropout", "0", "--max_train_steps", "4",
+            "--checkpointing_steps", "2", *steady, *SD_ADAPTER_SIZES], processes=1, device="cuda", **extra)
+    ours, theirs = adapter(runs["fsdp"], "unet"), adapter(runs["plain"], "unet")
+    assert all((ours[k] - theirs[k]).abs().max() <= 1e-4 for k in theirs)

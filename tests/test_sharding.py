@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import SD_ADAPTER_SIZES, accelerate_launch, free_port, lm_script_args, write_instance_images
 from safetensors.torch import load_file
 
 import boftvision as bv
@@ -157,36 +157,18 @@ def assert_sharded_by_accelerate(report: Path, version: int, block: str) -> None
         assert wrapped in line.split("modules=")[1].split(","), line
 
 
-@pytest.fixture(scope="module")
-def lm_run_inputs(tmp_path_factory):
-    """A tiny Llama with its tokenizer, and 48 instruction rows (6 optimizer steps at 2 × 4)."""
-    from test_language import NEGATIVE, POSITIVE, SUBJECTS, tiny, tokenizer_dir
-
-    root = tmp_path_factory.mktemp("lm-accelerate")
-    tiny("llama").save_pretrained(root / "llama")
-    tokenizer_dir(root / "llama", "word")
-    rows = [{"prompt": f"question {s} was {a} .", "response": f"answer {'yes' if a in POSITIVE else 'no'}"}
-            for s in SUBJECTS for a in POSITIVE[:2] + NEGATIVE[:2]]
-    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
-
-
 def test_lm_script_under_accelerates_fsdp_equals_ddp(lm_run_inputs, tmp_path):
     """train_lm_boft.py unchanged under `accelerate launch --config_file configs/accelerate/fsdp{1,2}.yaml`
     (decoder layers auto-wrapped, adapter gathered and written by process 0) trains exactly as under
     accelerate's DDP: same losses, same saved adapter; the data is split over the two processes."""
-    from conftest import accelerate_launch_two_cpu_processes
-
     def args(out):
-        return ["--pretrained_model_name_or_path", str(lm_run_inputs / "llama"), "--train_file",
-                str(lm_run_inputs / "train.jsonl"), "--num_train_epochs", "1", "--train_batch_size", "4",
-                "--learning_rate", "1e-2", "--boft_block_size", "4", "--boft_dropout", "0", "--output_dir", str(out)]
+        return lm_script_args(lm_run_inputs, out)
 
-    accelerate_launch_two_cpu_processes("train_lm_boft.py", args(tmp_path / "ddp"))
+    accelerate_launch("train_lm_boft.py", args(tmp_path / "ddp"))
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["steps"] == 6  # 48 rows / (2 × 4)
     for version in (2, 1):
         out = tmp_path / f"fsdp{version}"
-        accelerate_launch_two_cpu_processes("train_lm_boft.py", args(out), f"fsdp{version}",
+        accelerate_launch("train_lm_boft.py", args(out), f"fsdp{version}",
                                             report=tmp_path / f"report{version}")
         assert_sharded_by_accelerate(tmp_path / f"report{version}", version, "LlamaDecoderLayer")
         assert_same_run(out, tmp_path / "ddp")
@@ -199,8 +181,6 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd
     the uninterrupted one did; --train_text_encoder under FSDP is refused with the fix."""
     import shutil
 
-    from conftest import SD_ADAPTER_SIZES, accelerate_launch_two_cpu_processes, write_instance_images
-
     write_instance_images(tmp_path / "instance", 4)
     wrap = "BasicTransformerBlock,ResnetBlock2D"
 
@@ -210,10 +190,10 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd
                 "--train_batch_size", "2", "--learning_rate", "0.05", "--adam_epsilon", "1", "--boft_dropout", "0",
                 "--max_train_steps", "4", "--checkpointing_steps", "2", *SD_ADAPTER_SIZES, *extra]
 
-    accelerate_launch_two_cpu_processes("train_dreambooth_boft.py", args(tmp_path / "ddp"))
+    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "ddp"))
     for version in (2, 1):
         out = tmp_path / f"fsdp{version}"
-        accelerate_launch_two_cpu_processes("train_dreambooth_boft.py", args(out), f"fsdp{version}", wrap,
+        accelerate_launch("train_dreambooth_boft.py", args(out), f"fsdp{version}", wrap,
                                             report=tmp_path / f"report{version}")
         assert_sharded_by_accelerate(tmp_path / f"report{version}", version, "BasicTransformerBlock")
         assert_same_run(out, tmp_path / "ddp")
@@ -223,10 +203,10 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd
     shutil.copytree(tmp_path / "fsdp2", cut)
     for later in ("checkpoint-4", "unet", "results.json"):
         shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
-    accelerate_launch_two_cpu_processes("train_dreambooth_boft.py", args(cut, "--resume_from_checkpoint", "latest"),
+    accelerate_launch("train_dreambooth_boft.py", args(cut, "--resume_from_checkpoint", "latest"),
                                         "fsdp2", wrap)
     assert_same_run(cut, tmp_path / "fsdp2", tolerance=1e-6)
 
     with pytest.raises(AssertionError, match="--train_text_encoder under FSDP"):
-        accelerate_launch_two_cpu_processes("train_dreambooth_boft.py",
+        accelerate_launch("train_dreambooth_boft.py",
                                             args(tmp_path / "text", "--train_text_encoder"), "fsdp2", wrap)
