@@ -1,6 +1,7 @@
 """Data-parallel training: every adapter under FSDP2, FSDP1 and DDP (2 processes over gloo, blocks
 wrapped as users wrap them) gives the one-process run's losses and saved adapter; the saved adapter
-loads into an unsharded model and into PEFT; adapters cannot be added after wrapping."""
+loads into an unsharded model and into PEFT; adapters cannot be added after wrapping. The scripts under
+accelerate's FSDP plugin (shipped configs) equal their DDP runs."""
 from __future__ import annotations
 
 import json
@@ -108,8 +109,8 @@ def test_validation_during_a_sharded_run_is_refused():
 
 
 def test_shipped_accelerate_configs_parse():
-    """configs/accelerate/*.yaml read by accelerate's own loader (its FSDP launch needs GPUs: the
-    scripts under it are checked on a GPU machine, see docs/distributed.md)."""
+    """configs/accelerate/*.yaml read by accelerate's own loader (the scripts run under them below,
+    through tests/accelerate_fsdp_cpu.py, and unchanged on a GPU in tests/test_gpu.py)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = {p.stem: load_config_from_file(str(p)) for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
