@@ -2,7 +2,8 @@
 frozen base vs PEFT vs ours, printed as ratios, one run per model.
 
 Models: Stable Diffusion 1.5's UNet (64×64 latents, attention targets), DINOv2-large (224×224, all
-linear layers), a Llama-3.2-1B-shaped decoder (sequence 2048, all linear layers). Base weights in
+linear layers), a Llama-3.2-1B-shaped decoder (sequence 2048, all linear layers); ``--models sdxl``:
+SDXL's UNet at 1024² (128×128 latents, added text/time conditions, attention targets). Base weights in
 bf16, adapter parameters fp32 (both libraries), one step = forward + backward + AdamW. The input
 (latents, pixels, token embeddings) requires grad, so the frozen base back-propagates through every
 layer too. Also: merged-model inference against the base's, and the time to merge.
@@ -10,6 +11,8 @@ layer too. Also: merged-model inference against the base's, and the time to merg
     python benchmarks/bench_models.py --models sd15 dinov2l llama1b            # on a GPU
     python benchmarks/bench_models.py --models tiny --device cpu --dtype fp32  # smoke run here
     python benchmarks/bench_models.py --lycoris --only "BOFT full" LyCORIS --json lycoris.json
+    python benchmarks/bench_models.py --models sdxl --only "ours LoRA" "ours OFT" "ours BOFT m=2" --no-peft \
+        --gradient_checkpointing --json sdxl.json
 
 ``--lycoris`` adds the full butterfly (b = 8), ours and lycoris-lora's (weight and bypass mode; LyCORIS
 runs its fused Triton kernels on recent GPUs by itself, ``LYCORIS_KERNEL_BACKEND`` pins one). ``--json``
@@ -64,6 +67,38 @@ def sd15_unet(batch: int, tiny: bool = False):
     return unet, inputs, lambda m, i: m(**i).sample.float().square().mean(), UNET_TARGETS
 
 
+def sdxl_unet(batch: int, tiny: bool = False):
+    """SDXL base's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json) at 1024² (128×128
+    latents), with its added conditions: pooled text embeddings and the six time ids."""
+    from diffusers import UNet2DConditionModel
+
+    common = dict(addition_embed_type="text_time", addition_time_embed_dim=256 if not tiny else 8,
+                  use_linear_projection=True, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    if tiny:
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+                                    projection_class_embeddings_input_dim=16 + 6 * 8, **common)
+    else:
+        common["down_block_types"] += ("CrossAttnDownBlock2D",)
+        common["up_block_types"] = ("CrossAttnUpBlock2D", *common["up_block_types"])
+        unet = UNet2DConditionModel(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                    cross_attention_dim=2048, projection_class_embeddings_input_dim=2816, **common)
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+
+    def inputs(device, dtype):
+        return dict(sample=torch.randn(batch, 4, size, size, device=device, dtype=dtype).requires_grad_(True),
+                    timestep=torch.randint(0, 1000, (batch,), device=device),
+                    encoder_hidden_states=torch.randn(batch, 77, width, device=device, dtype=dtype),
+                    added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                       "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch,
+                                                                device=device, dtype=dtype)})
+
+    return unet, inputs, lambda m, i: m(**i).sample.float().square().mean(), UNET_TARGETS
+
+
 def dinov2_large(batch: int, tiny: bool = False):
     from transformers import Dinov2Config, Dinov2Model
 
@@ -99,6 +134,7 @@ def llama_1b(batch: int, tiny: bool = False, seq: int = 2048):
 MODELS = {
     "sd15": lambda tiny: [("SD 1.5 UNet, batch 1", *sd15_unet(1, tiny)),
                           ("SD 1.5 UNet, batch 4", *sd15_unet(4, tiny))],
+    "sdxl": lambda tiny: [("SDXL UNet 1024², batch 1", *sdxl_unet(1, tiny))],
     "dinov2l": lambda tiny: [("DINOv2-L, batch 64", *dinov2_large(64 if not tiny else 4, tiny))],
     "llama1b": lambda tiny: [("Llama 1B, seq 2048", *llama_1b(1, tiny, 2048 if not tiny else 64))],
 }
@@ -220,6 +256,8 @@ def main() -> None:
     parser.add_argument("--lycoris", action="store_true",
                         help="add the full-butterfly rows: ours and lycoris-lora's BOFT (weight and bypass mode)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="recompute each block in the backward (diffusers' / transformers' own switch)")
     args = parser.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
     OrthogonalAdapter.rotation_side = args.side
@@ -228,12 +266,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"# device={gpu} dtype={args.dtype} torch={torch.__version__} iters={args.iters} (median) "
-          f"rotation side={args.side}", flush=True)
+          f"rotation side={args.side} gradient checkpointing={args.gradient_checkpointing}", flush=True)
     lines, numbers = [], {}
     for key in names:
         for title, model, inputs, loss_fn, targets in MODELS[key](tiny):
             torch.manual_seed(0)
             base = model.to(device, dtype).requires_grad_(False).train()
+            if args.gradient_checkpointing:  # adapted copies keep the switch
+                (getattr(base, "enable_gradient_checkpointing", None) or base.gradient_checkpointing_enable)()
             frozen, frozen_peak = time_steps(base, inputs, loss_fn, device, dtype, args.iters, args.warmup)
             rows = [("frozen base", frozen, frozen_peak)]
             configs = our_configs(targets, vector_length(base, targets))

@@ -84,6 +84,19 @@ def test_model_benchmark_writes_lycoris_rows_to_json(tmp_path):
     assert rows["frozen base"]["x_frozen"] == 1.0 and all(r["step_ms"] > 0 for r in rows.values())
 
 
+def test_model_benchmark_runs_sdxl_with_its_added_conditions(tmp_path):
+    """The SDXL row (text_time conditions: a UNet without them would fail in its first forward) with
+    gradient checkpointing, on the tiny config."""
+    out = tmp_path / "numbers.json"
+    log = run("benchmarks/bench_models.py", "--models", "sdxl", "--tiny", "--device", "cpu", "--dtype", "fp32",
+              "--iters", "1", "--warmup", "0", "--no-peft", "--gradient_checkpointing", "--only", "ours LoRA",
+              "ours BOFT m=2", "--json", str(out))
+    assert "gradient checkpointing=True" in log
+    rows = json.loads(out.read_text())["models"]["SDXL UNet 1024², batch 1"]
+    assert {"frozen base", "ours LoRA r=16", "ours BOFT m=2 b=8"} <= set(rows)
+    assert all(r["step_ms"] > 0 for r in rows.values())
+
+
 def test_ops_benchmark_times_every_piece():
     out = run("benchmarks/bench_ops.py", "--width", "128", "--tokens", "64", "--iters", "1")
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
