@@ -89,12 +89,13 @@ def sdxl_unet(batch: int, tiny: bool = False):
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
 
     def inputs(device, dtype):
+        pixels = size * 8  # original size, crop top-left (0, 0), target size
+        time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, device=device, dtype=dtype)
         return dict(sample=torch.randn(batch, 4, size, size, device=device, dtype=dtype).requires_grad_(True),
                     timestep=torch.randint(0, 1000, (batch,), device=device),
                     encoder_hidden_states=torch.randn(batch, 77, width, device=device, dtype=dtype),
                     added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-                                       "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch,
-                                                                device=device, dtype=dtype)})
+                                       "time_ids": time_ids})
 
     return unet, inputs, lambda m, i: m(**i).sample.float().square().mean(), UNET_TARGETS
 

@@ -15,7 +15,7 @@ from conftest import SD_ADAPTER_SIZES, accelerate_launch, write_instance_images
 import boftvision as bv
 from boftvision.adapters import METHODS
 from boftvision.data.dreambooth import tokenize
-from boftvision.data.shapes import CLASS_PROMPT, COLOURS, INSTANCE_PROMPT, SHAPES, WORDS
+from boftvision.data.shapes import CLASS_PROMPT, COLOURS, INSTANCE_PROMPT, SHAPES, WORDS, caption
 from boftvision.generate import interpolation_path, set_identity_components
 from boftvision.integrations.diffusers import (
     EMBEDDED,
@@ -181,13 +181,13 @@ def test_embedded_tokenizer_holds_every_bundled_caption():
     cut to the text encoder's positions); its frozen text encoder is exactly the recipe's draw, and
     building the pipeline from the recipe's components warns about nothing."""
     pipe = load_pipeline(EMBEDDED)
-    captions = [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES] + [CLASS_PROMPT, INSTANCE_PROMPT,
+    captions = [caption(c, s) for c in COLOURS for s in SHAPES] + [CLASS_PROMPT, INSTANCE_PROMPT,
                                                                             f"{INSTANCE_PROMPT} on the left"]
     limit = pipe.tokenizer.model_max_length
     assert pipe.text_encoder.config.max_position_embeddings == limit
-    for caption in captions:
-        ids = pipe.tokenizer(caption).input_ids
-        assert len(ids) <= limit and ids[-1] == pipe.tokenizer.eos_token_id, (caption, len(ids), limit)
+    for text in captions:
+        ids = pipe.tokenizer(text).input_ids
+        assert len(ids) <= limit and ids[-1] == pipe.tokenizer.eos_token_id, (text, len(ids), limit)
     components = tiny_components(WORDS, seed=json.loads((EMBEDDED / "boftvision_training.json").read_text())["seed"])
     drawn = components["text_encoder"].state_dict()
     assert all(torch.equal(drawn[k], v) for k, v in pipe.text_encoder.state_dict().items())

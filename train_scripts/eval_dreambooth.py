@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from boftvision.data.dreambooth import list_images
-from boftvision.data.shapes import BACKGROUND, COLOURS, INSTANCE_PROMPT, SHAPES, SUBJECT_COLOUR
+from boftvision.data.shapes import BACKGROUND, COLOURS, INSTANCE_PROMPT, SHAPES, SUBJECT_COLOUR, caption
 from boftvision.files import check_model_location, write_text_atomic
 from boftvision.generate import adapted_parts, initial_noise
 from boftvision.inject import disable_adapter
@@ -220,7 +220,7 @@ def shape_scores(images: dict[str, list], instance_prompt: str) -> dict:
     describe = lambda image: describe_shape(image, COLOURS, BACKGROUND)
     seeds = range(len(images[instance_prompt]))
     subject = [fraction_drawn([describe(images[instance_prompt][j])], [SUBJECT]) for j in seeds]
-    preserved = [fraction_drawn([describe(images[f"a photo of a {c} {s}"][j]) for c, s in PRESERVED], PRESERVED)
+    preserved = [fraction_drawn([describe(images[caption(c, s)][j]) for c, s in PRESERVED], PRESERVED)
                  for j in seeds]
     drawn = {prompt: [list(describe(image)) for image in row] for prompt, row in images.items()}
     return {"subject fidelity": {**mean_std(subject), "per_seed": subject},
@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
     metrics = (["shapes"] if embedded else list(FEATURE_METRICS)) if args.metrics == ["auto"] else args.metrics
     if "shapes" in metrics:
         instance_prompt = args.instance_prompt or run_instance_prompt(args.adapter) or INSTANCE_PROMPT
-        prompts = [instance_prompt] + [f"a photo of a {c} {s}" for c, s in PRESERVED]
+        prompts = [instance_prompt] + [caption(c, s) for c, s in PRESERVED]
     else:
         prompts = run_prompts(args)
     real = []

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from boftvision.data.shapes import COLOURS, SHAPES, WORDS, base_example
+from boftvision.data.shapes import CLASS_PROMPT, COLOURS, SHAPES, WORDS, base_example, caption
 from boftvision.files import write_text_atomic
 from boftvision.integrations.diffusers import TINY, image_grid, pipeline_from_components, tiny_components
 from boftvision.training import RENAMED, claim_output_dir, cosine_with_warmup, describe_flags, run_cli, seed_everything
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
             "vae_loss_per_100": every(log["vae_loss"]), "unet_loss_per_100": every(log["unet_loss"]),
             "vocabulary": WORDS, "colours": list(COLOURS), "shapes": list(SHAPES), "torch": torch.__version__}
     write_text_atomic(out / "boftvision_training.json", json.dumps(card, indent=1))
-    prompts = [f"a photo of a {c} {s}" for s in SHAPES for c in COLOURS] + ["a photo of a shape"] * 4
+    prompts = [caption(c, s) for s in SHAPES for c in COLOURS] + [CLASS_PROMPT] * 4
     images = pipe(prompts, num_inference_steps=25, guidance_scale=4.0,
                   generator=torch.Generator().manual_seed(args.seed)).images
     image_grid(images, cols=8).save(out / "samples.png")

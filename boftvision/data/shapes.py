@@ -20,6 +20,11 @@ INSTANCE_PROMPT = "a photo of sks shape"
 CLASS_PROMPT = "a photo of a shape"
 
 
+def caption(colour: str, shape: str) -> str:
+    """The caption of one coloured shape, as the embedded model was trained on it: "a photo of a red circle"."""
+    return f"a photo of a {colour} {shape}"
+
+
 def _mask(kind: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     if kind == "circle":
@@ -59,8 +64,8 @@ def base_example(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
     """A random base-training pair: coloured shape and its caption (one in four: the class caption)."""
     kind = SHAPES[rng.integers(len(SHAPES))]
     name = list(COLOURS)[rng.integers(len(COLOURS))]
-    caption = CLASS_PROMPT if rng.random() < 0.25 else f"a photo of a {name} {kind}"
-    return render(kind, COLOURS[name], size, rng), caption
+    text = CLASS_PROMPT if rng.random() < 0.25 else caption(name, kind)
+    return render(kind, COLOURS[name], size, rng), text
 
 
 def instance_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
@@ -88,7 +93,7 @@ def control_example(rng: np.random.Generator, size: int) -> tuple[Image.Image, I
     image[_mask(kind, size, cx, cy, r)] = COLOURS[name]
     image += rng.normal(0, 4, image.shape)
     picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-    return picture, position_map(size, cx, cy, r), f"a photo of a {name} {kind}"
+    return picture, position_map(size, cx, cy, r), caption(name, kind)
 
 
 def foreground(image: Image.Image, threshold: float = 60.0) -> np.ndarray:
