@@ -40,10 +40,17 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_fsdp1(m) for m in model.modules()) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
+_GATHERED: list[nn.Module] = []  # FSDP1 roots inside full_parameters now
+
+
 @contextmanager
 def full_parameters(model: nn.Module):
     """Inside, FSDP1's parameters are whole on every process (collective; read only). FSDP2 keeps its
-    DTensors: :func:`full_tensor` gathers each."""
+    DTensors: :func:`full_tensor` gathers each. A part of an FSDP1 model may be read inside the whole's
+    ``full_parameters`` (see :class:`Parts`)."""
+    if any(model is m for root in _GATHERED for m in root.modules()):
+        yield
+        return
     if not is_fsdp1(model):
         if any(is_fsdp1(m) for m in model.modules()):
             raise ValueError("the model's FSDP1 root wrapper was taken off: pass the FullyShardedDataParallel "
@@ -53,7 +60,39 @@ def full_parameters(model: nn.Module):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.summon_full_params(model, writeback=False, recurse=True):
-        yield
+        _GATHERED.append(model)
+        try:
+            yield
+        finally:
+            _GATHERED.pop()
+
+
+class Parts(nn.ModuleDict):
+    """Several trained models as one, for accelerate's FSDP, which prepares one model per run (FSDP2
+    refuses more; FSDP1's auto-wrap wants every block class in each): e.g. a UNet and its text encoder.
+    Call a part through the prepared whole — ``Part(prepared, "unet")(…)`` — so that the sharded root's
+    forward gathers its own parameters first."""
+
+    def forward(self, name: str, *args, **kwargs):
+        return self[name](*args, **kwargs)
+
+
+class Part:
+    """``prepared(name, …)`` as a callable that reads like the part (attributes come from the part)."""
+
+    def __init__(self, prepared: nn.Module, name: str):
+        self.prepared, self.name = prepared, name
+
+    def __call__(self, *args, **kwargs):
+        return self.prepared(self.name, *args, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        """The part itself (under FSDP1 save it inside ``full_parameters(prepared)``)."""
+        return unwrap(self.prepared)[self.name]
+
+    def __getattr__(self, attr):
+        return getattr(self.module, attr)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

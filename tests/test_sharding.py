@@ -176,14 +176,15 @@ def test_lm_script_under_accelerates_fsdp_equals_ddp(lm_run_inputs, tmp_path):
 
 
 def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd, tmp_path):
-    """train_dreambooth_boft.py under accelerate's FSDP2 and FSDP1 (UNet blocks auto-wrapped) equals its
-    DDP run (adapter and losses; dropout off, AdamW with a large ε so that float noise in near-zero
-    gradients is not turned into ±lr steps); the FSDP2 run resumed from its step-2 checkpoint ends where
-    the uninterrupted one did; --train_text_encoder under FSDP is refused with the fix."""
+    """train_dreambooth_boft.py under accelerate's FSDP2 and FSDP1 equals its DDP run (adapters and losses;
+    dropout off, AdamW with a large ε so that float noise in near-zero gradients is not turned into ±lr
+    steps): the UNet alone, and with --train_text_encoder (UNet and text encoder prepared as one model, the
+    blocks of both auto-wrapped); the FSDP2 run resumed from its step-2 checkpoint ends where the
+    uninterrupted one did."""
     import shutil
 
     write_instance_images(tmp_path / "instance", 4)
-    wrap = "BasicTransformerBlock,ResnetBlock2D"
+    unet_blocks = "BasicTransformerBlock,ResnetBlock2D"
 
     def args(out, *extra):
         return ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
@@ -191,23 +192,27 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd
                 "--train_batch_size", "2", "--learning_rate", "0.05", "--adam_epsilon", "1", "--boft_dropout", "0",
                 "--max_train_steps", "4", "--checkpointing_steps", "2", *SD_ADAPTER_SIZES, *extra]
 
-    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "ddp"))
+    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "unet-ddp"))
+    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "unet-fsdp2"), "fsdp2", unet_blocks,
+                      report=tmp_path / "unet-report")
+    assert_sharded_by_accelerate(tmp_path / "unet-report", 2, "BasicTransformerBlock")
+    assert_same_run(tmp_path / "unet-fsdp2", tmp_path / "unet-ddp")
+
+    text = ("--train_text_encoder",)
+    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "ddp", *text))
     for version in (2, 1):
         out = tmp_path / f"fsdp{version}"
-        accelerate_launch("train_dreambooth_boft.py", args(out), f"fsdp{version}", wrap,
-                                            report=tmp_path / f"report{version}")
-        assert_sharded_by_accelerate(tmp_path / f"report{version}", version, "BasicTransformerBlock")
+        accelerate_launch("train_dreambooth_boft.py", args(out, *text), f"fsdp{version}",
+                          unet_blocks + ",CLIPEncoderLayer", report=tmp_path / f"report{version}")
+        assert_sharded_by_accelerate(tmp_path / f"report{version}", version, "CLIPEncoderLayer")
         assert_same_run(out, tmp_path / "ddp")
+        assert sorted(adapters_of(out)) == ["text_encoder/adapter_model.safetensors", "unet/adapter_model.safetensors"]
         assert json.loads((out / "results.json").read_text())["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
 
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "fsdp2", cut)
-    for later in ("checkpoint-4", "unet", "results.json"):
+    for later in ("checkpoint-4", "unet", "text_encoder", "results.json"):
         shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
-    accelerate_launch("train_dreambooth_boft.py", args(cut, "--resume_from_checkpoint", "latest"),
-                                        "fsdp2", wrap)
+    accelerate_launch("train_dreambooth_boft.py", args(cut, *text, "--resume_from_checkpoint", "latest"), "fsdp2",
+                      unet_blocks + ",CLIPEncoderLayer")
     assert_same_run(cut, tmp_path / "fsdp2", tolerance=1e-6)
-
-    with pytest.raises(AssertionError, match="--train_text_encoder under FSDP"):
-        accelerate_launch("train_dreambooth_boft.py",
-                                            args(tmp_path / "text", "--train_text_encoder"), "fsdp2", wrap)

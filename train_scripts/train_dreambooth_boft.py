@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -53,6 +53,7 @@ from boftvision.integrations.diffusers import (
 )
 from boftvision.integrations.diffusers.pipeline import conditioning
 from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
+from boftvision.sharding import Part, Parts, full_parameters
 from boftvision.training import (
     LYCORIS_FILE,
     RENAMED,
@@ -285,10 +286,6 @@ def main(argv=None) -> dict:
                      keep=(args.instance_data_dir, args.class_data_dir))
     out = Path(args.output_dir)
     accelerator = accelerator_from_args(args)
-    if args.train_text_encoder and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("--train_text_encoder under FSDP: accelerate shards one trained model per run (FSDP2 "
-                         "refuses more, FSDP1's block classes must all be in each), here the UNet; drop "
-                         "--train_text_encoder, or train both under DDP (configs/accelerate/ddp.yaml)")
     set_seed(args.seed)
     list_images(args.instance_data_dir, "--instance_data_dir", True, args.skip_bad_files)  # before any model
     if args.with_prior_preservation:
@@ -321,7 +318,7 @@ def main(argv=None) -> dict:
         if args.train_text_encoder:
             for encoder in encoders.values():
                 encoder.gradient_checkpointing_enable()
-    trained = nn.ModuleDict({"unet": unet, **(encoders if args.train_text_encoder else {})})
+    trained = Parts({"unet": unet, **(encoders if args.train_text_encoder else {})})
     counts = bv.count_parameters(trained)
 
     size = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
@@ -335,7 +332,11 @@ def main(argv=None) -> dict:
     diffusers_step_counts(args, len(loader), accelerator.num_processes)  # --num_train_epochs, --scale_lr, …
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
-    if args.train_text_encoder:
+    if args.train_text_encoder and accelerator.distributed_type == DistributedType.FSDP:
+        # accelerate's FSDP prepares one model: the UNet and the text encoder(s) as one, each called through it
+        trained, optimizer, loader, lr_scheduler = accelerator.prepare(trained, optimizer, loader, lr_scheduler)
+        unet, encoders = Part(trained, "unet"), {name: Part(trained, name) for name in encoders}
+    elif args.train_text_encoder:
         unet, *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
             unet, *encoders.values(), optimizer, loader, lr_scheduler)
         encoders = dict(zip(encoders, prepared))
@@ -373,17 +374,18 @@ def main(argv=None) -> dict:
     unet.train()
     for encoder in encoders.values():
         encoder.train(args.train_text_encoder)
-    run = train_steps(accelerator, args, trained, [unet, *encoders.values()] if args.train_text_encoder else [unet],
-                      optimizer, lr_scheduler, loader, loss_fn, validate_at if args.validation_prompt else None)
+    models = [trained] if isinstance(unet, Part) else [unet, *encoders.values()] if args.train_text_encoder else [unet]
+    run = train_steps(accelerator, args, trained, models, optimizer, lr_scheduler, loader, loss_fn,
+                      validate_at if args.validation_prompt else None)
     result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter, "processes": accelerator.num_processes,
               "instance_prompt": args.instance_prompt,
               "trainable_parameters": counts.trainable, "stored_parameters": counts.stored, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
     # every process: a sharded model's adapter is gathered (collective); process 0 writes
-    bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
-    if args.train_text_encoder:
-        for part, encoder in encoders.items():
-            bv.save_adapter(encoder, out / part, peft_compatible=args.peft_compatible)
+    with full_parameters(trained) if isinstance(unet, Part) else nullcontext():  # FSDP1: gathered as a whole
+        for name, model in {"unet": unet, **(encoders if args.train_text_encoder else {})}.items():
+            bv.save_adapter(model.module if isinstance(model, Part) else model, out / name,
+                            peft_compatible=args.peft_compatible)
     if accelerator.is_main_process:
         if args.validation_prompt:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
