@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader
 
 import boftvision as bv
@@ -42,6 +42,7 @@ from boftvision.integrations.diffusers import (
     lr_scheduler_from_args,
 )
 from boftvision.integrations.diffusers.sdxl import SDXLTextEncoder, SDXLTokenizers, is_sdxl
+from boftvision.sharding import Part, Parts, full_parameters
 from boftvision.training import (
     LYCORIS_FILE,
     SINGLE_FILE,
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     encoder = ControlEncoder.for_unet(unet, pipe.vae_scale_factor).to(accelerator.device)  # fp32, trained
-    trained = nn.ModuleDict({"unet": unet, "control_encoder": encoder})
+    trained = Parts({"unet": unet, "control_encoder": encoder})
     counts = bv.count_parameters(trained)
 
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
@@ -239,8 +240,13 @@ def main(argv=None) -> dict:
             if all(id(p) in encoder_params for p in group["params"]):
                 group["lr"] = args.encoder_learning_rate
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
-    unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-        unet, encoder, optimizer, loader, lr_scheduler)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # accelerate's FSDP prepares one model: the UNet and the control encoder as one, each called through it
+        trained, optimizer, loader, lr_scheduler = accelerator.prepare(trained, optimizer, loader, lr_scheduler)
+        unet, encoder = Part(trained, "unet"), Part(trained, "control_encoder")
+    else:
+        unet, encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, encoder, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in run_settings(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -253,15 +259,18 @@ def main(argv=None) -> dict:
         return validate(args, accelerator, pipe, unet, encoder, size, step)
 
     unet.train()
-    run = train_steps(accelerator, args, trained, [unet, encoder], optimizer, lr_scheduler, loader, loss_fn,
-                      validate_at if args.validation_image else None)
+    run = train_steps(accelerator, args, trained, [trained] if isinstance(unet, Part) else [unet, encoder], optimizer,
+                      lr_scheduler, loader, loss_fn, validate_at if args.validation_image else None)
     result = {"steps": run.step, "losses": run.losses, "adapter": args.adapter, "processes": accelerator.num_processes,
               "trainable_parameters": counts.trainable, "seconds": run.seconds,
               "checkpoints": [p.name for p in list_checkpoints(out)], "validation": run.validations}
-    if args.adapter != "none":  # every process: a sharded model's adapter is gathered; process 0 writes
-        bv.save_adapter(unet, out / "unet", peft_compatible=args.peft_compatible)
+    # every process: a sharded model is gathered (FSDP1: as a whole); process 0 writes
+    with full_parameters(trained) if isinstance(unet, Part) else nullcontext():
+        if args.adapter != "none":
+            bv.save_adapter(unet.module if isinstance(unet, Part) else unet, out / "unet",
+                            peft_compatible=args.peft_compatible)
+        (encoder.module if isinstance(encoder, Part) else accelerator.unwrap_model(encoder)).save(out)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(encoder).save(out)
         if args.validation_image:
             if run.step % args.validation_steps or not result["validation"]:  # the last step's, once
                 result["validation"].append(str(validate_at(run.step)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ...sharding import unwrap
+from ...sharding import full_tensor, rank, unwrap
 
 
 class ControlEncoder(torch.nn.Module):
@@ -43,12 +43,16 @@ class ControlEncoder(torch.nn.Module):
         return cls(unet.config.block_out_channels[0], int(math.log2(vae_scale_factor)))
 
     def save(self, folder: str | Path) -> None:
+        """Every process of a sharded run calls it (FSDP2's shards are gathered; under FSDP1 call it inside
+        the prepared whole's ``full_parameters``); process 0 writes."""
         from safetensors.torch import save_file
 
+        tensors = {k: full_tensor(v) for k, v in self.state_dict().items()}
+        if rank() != 0:
+            return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  folder / "control_encoder.safetensors")
+        save_file(tensors, folder / "control_encoder.safetensors")
         (folder / "control_encoder.json").write_text(json.dumps(self.config, indent=1))
 
     @classmethod
