@@ -34,10 +34,13 @@ def is_fsdp1(module: nn.Module) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether parameters of the model are sharded across processes (FSDP1 or FSDP2)."""
+    """Whether parameters of the model are sharded across processes: FSDP2's DTensors, or FSDP1 units that
+    shard (FSDP1's NO_SHARD — its choice for a single process — keeps every parameter whole, as DDP does,
+    and torch's state-dict API then loses frozen root-level parameters after a backward)."""
     from torch.distributed.tensor import DTensor
 
-    return any(is_fsdp1(m) for m in model.modules()) or any(isinstance(p, DTensor) for p in model.parameters())
+    return (any(is_fsdp1(m) and getattr(m.sharding_strategy, "name", None) != "NO_SHARD" for m in model.modules())
+            or any(isinstance(p, DTensor) for p in model.parameters()))
 
 
 _GATHERED: list[nn.Module] = []  # FSDP1 roots inside full_parameters now

@@ -107,12 +107,15 @@ def test_lm_and_dreambooth_scripts_under_accelerates_fsdp_on_cuda(engine, lm_run
     write_instance_images(tmp_path / "instance", 2)
     steady = ("--adam_epsilon", "1")  # AdamW ≈ SGD: float noise in near-zero gradients is not turned into ±lr
     runs = {}
-    for name, extra in (("plain", {}), ("fsdp", {"engine": engine, "wrap": "BasicTransformerBlock,ResnetBlock2D"})):
+    blocks = "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer"  # UNet and text encoder, prepared as one
+    for name, extra in (("plain", {}), ("fsdp", {"engine": engine, "wrap": blocks})):
         runs[name] = tmp_path / f"db-{name}"
         accelerate_launch("train_dreambooth_boft.py", [
             "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
             "--instance_prompt", "a photo of sks shape", "--output_dir", str(runs[name]), "--seed", "0",
             "--train_batch_size", "2", "--learning_rate", "0.05", "--boft_dropout", "0", "--max_train_steps", "4",
-            "--checkpointing_steps", "2", *steady, *SD_ADAPTER_SIZES], processes=1, device="cuda", **extra)
-    ours, theirs = adapter(runs["fsdp"], "unet"), adapter(runs["plain"], "unet")
-    assert all((ours[k] - theirs[k]).abs().max() <= 1e-4 for k in theirs)
+            "--checkpointing_steps", "2", "--train_text_encoder", *steady, *SD_ADAPTER_SIZES], processes=1,
+            device="cuda", **extra)
+    for part in ("unet", "text_encoder"):
+        ours, theirs = adapter(runs["fsdp"], part), adapter(runs["plain"], part)
+        assert all((ours[k] - theirs[k]).abs().max() <= 1e-4 for k in theirs), part
