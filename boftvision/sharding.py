@@ -95,6 +95,8 @@ class Part:
         return unwrap(self.prepared)[self.name]
 
     def __getattr__(self, attr):
+        if attr.startswith("__") or attr in ("prepared", "name"):  # copy/pickle probe before __init__ ran
+            raise AttributeError(attr)
         return getattr(self.module, attr)
 
 

@@ -216,3 +216,19 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd
     accelerate_launch("train_dreambooth_boft.py", args(cut, *text, "--resume_from_checkpoint", "latest"), "fsdp2",
                       unet_blocks + ",CLIPEncoderLayer")
     assert_same_run(cut, tmp_path / "fsdp2", tolerance=1e-6)
+
+
+def test_parts_are_called_through_the_whole():
+    """Part(whole, name) runs the whole's forward (where a sharded root gathers its parameters), gives the
+    part's output, and reads attributes from the part."""
+    import copy
+
+    from boftvision.sharding import Part, Parts
+
+    whole = Parts({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(3, 4)})
+    calls = []
+    whole.register_forward_pre_hook(lambda module, args: calls.append(args[0]))
+    x = torch.randn(5, 3)
+    a, b = Part(whole, "a"), Part(whole, "b")
+    assert torch.equal(a(x), whole["a"](x)) and b(x).shape == (5, 4) and calls == ["a", "b"]
+    assert a.out_features == 2 and a.module is whole["a"] and copy.copy(b).name == "b"
