@@ -204,3 +204,28 @@ def test_sdxl_cached_latents_train_with_one_vae_pass(sdxl, tmp_path, monkeypatch
     base_loss = fixed_loss(pipe, sdxl)
     attach_adapters(pipe, tmp_path)
     assert fixed_loss(pipe, sdxl) < 0.985 * base_loss
+
+
+def test_sdxl_both_text_encoders_under_ddp_and_fsdp_train_alike(sdxl, tmp_path):
+    """Two processes on the tiny SDXL with both text encoders adapted: DDP runs (the first encoder's last
+    layer gives no gradient — SDXL reads its penultimate layer — so DDP must expect unused parameters), and
+    accelerate's FSDP2 (UNet and both encoders prepared as one) gives DDP's adapters (dropout and weight
+    decay off: FSDP hands unused parameters a zero gradient where DDP leaves none, which decay would move)."""
+    import json
+
+    from conftest import accelerate_launch
+    from safetensors.torch import load_file
+
+    def run(out, *engine):
+        accelerate_launch("train_dreambooth_boft.py", args(
+            sdxl, out, "--max_train_steps", "3", "--train_batch_size", "2", "--learning_rate", "0.05",
+            "--adam_epsilon", "1", "--adam_weight_decay", "0", "--boft_dropout", "0"), *engine)
+        return {part: load_file(out / part / "adapter_model.safetensors")
+                for part in ("unet", "text_encoder", "text_encoder_2")}
+
+    expected = run(tmp_path / "ddp")
+    sharded = run(tmp_path / "fsdp2", "fsdp2", "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer")
+    for part, tensors in expected.items():
+        assert sharded[part].keys() == tensors.keys()
+        assert all((sharded[part][k] - v).abs().max() <= 1e-5 for k, v in tensors.items()), part
+    assert json.loads((tmp_path / "fsdp2" / "results.json").read_text())["processes"] == 2

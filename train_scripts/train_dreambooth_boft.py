@@ -285,7 +285,8 @@ def main(argv=None) -> dict:
     claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
                      keep=(args.instance_data_dir, args.class_data_dir))
     out = Path(args.output_dir)
-    accelerator = accelerator_from_args(args)
+    # SDXL conditions on the first text encoder's penultimate layer: DDP must expect adapters without gradient
+    accelerator = accelerator_from_args(args, find_unused_parameters=args.train_text_encoder)
     set_seed(args.seed)
     list_images(args.instance_data_dir, "--instance_data_dir", True, args.skip_bad_files)  # before any model
     if args.with_prior_preservation:

@@ -80,11 +80,12 @@ def tracked_accelerator(args: argparse.Namespace, project: str, **kwargs):
     return accelerator
 
 
-def accelerator_from_args(args: argparse.Namespace):
+def accelerator_from_args(args: argparse.Namespace, find_unused_parameters: bool = False):
     """The step-based scripts' Accelerator: accumulation, mixed precision, trackers (``--report_to``)
-    logging under ``output_dir/logs``."""
+    logging under ``output_dir/logs``; ``find_unused_parameters`` for DDP when some trained parameters may
+    get no gradient in a step."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     out = Path(args.output_dir)
     check_requirements(args)
@@ -92,6 +93,7 @@ def accelerator_from_args(args: argparse.Namespace):
         torch.backends.cuda.matmul.allow_tf32 = True
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
                        log_with=None if args.report_to in (None, "none") else args.report_to,
                        project_config=ProjectConfiguration(
                            project_dir=str(out), logging_dir=str(out / getattr(args, "logging_dir", "logs"))))
