@@ -271,3 +271,68 @@ def test_every_reader_lists_bad_files_before_training(tmp_path):
     (tmp_path / "header.csv").write_text("sentence,label\n")
     with pytest.raises(ValueError, match="has no rows"):
         read_rows(tmp_path / "header.csv")
+
+
+def test_a_repeated_sigterm_is_caught_and_a_second_ctrl_c_is_not():
+    """torchrun forwards to its workers the SIGTERM SLURM already sent to every process: the repeat must
+    not kill a worker before its checkpoint. A second Ctrl-C still interrupts at once."""
+    from boftvision.training.loop import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.signal == signal.SIGTERM
+    with StopSignals() as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.signal == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+
+
+def test_sigterm_to_a_two_process_launch_checkpoints_every_process_at_one_step(tiny_sd, tmp_path):
+    """`accelerate launch` with two (DDP) processes gets SIGTERM (what a pod or a job scheduler sends):
+    its torchrun forwards it, both processes agree on the step to stop after, write one checkpoint
+    together and exit; the same command plus --resume_from_checkpoint latest continues from that step."""
+    from conftest import free_port, write_instance_images
+
+    write_instance_images(tmp_path / "instance", 2)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent), "ACCELERATE_USE_CPU": "true"}
+
+    def launch(*extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+             "--dynamo_backend", "no", str(ROOT.parent / "train_scripts" / "train_dreambooth_boft.py"),
+             "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
+             "--instance_prompt", "a photo of sks shape", "--train_batch_size", "1", "--seed", "0",
+             "--boft_block_size", "4", "--checkpointing_steps", "100000", "--output_dir", str(out), *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    import threading
+
+    proc, lines = launch("--max_train_steps", "100000"), []
+    reader = threading.Thread(target=lambda: lines.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while "loss=" not in "".join(lines):  # the progress bar shows a finished step: the loop runs
+        assert time.time() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    log = "".join(lines)
+    assert proc.returncode != 0 and "SIGTERM: stopped after step" in log, log[-3000:]
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1, log[-3000:]
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert stopped_at > 0 and not (out / "unet").exists()
+    final = launch("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest")
+    log, _ = final.communicate(timeout=180)
+    assert final.returncode == 0, log[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert f"resumed from {checkpoints[0]} at step {stopped_at}" in log
+    assert result["steps"] == stopped_at + 2 and result["processes"] == 2 and len(result["losses"]) == stopped_at + 2

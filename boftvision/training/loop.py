@@ -168,15 +168,18 @@ def stop_if_diverged(loss: torch.Tensor, step: int) -> None:
 class StopSignals:
     """``with StopSignals() as stop:`` SIGTERM (what SLURM and cloud preemption send) and SIGINT
     (Ctrl-C) set ``stop.signal`` instead of killing the process, so the loop can finish its step and
-    write a checkpoint; a second signal acts as usual. A no-op outside the main thread."""
+    write a checkpoint. A second Ctrl-C acts as usual; a second SIGTERM is caught too — under torchrun
+    (``accelerate launch``) the launcher forwards to its workers the SIGTERM that SLURM already sent to
+    every process of the job. A no-op outside the main thread."""
 
     def __init__(self):
         self.signal: int | None = None
         self._saved = {}
 
     def _handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, self._saved.get(signum, signal.SIG_DFL))  # the next one is not caught
+        self.signal = self.signal or signum
+        if signum == signal.SIGINT:  # the next Ctrl-C is not caught
+            signal.signal(signum, self._saved.get(signum, signal.SIG_DFL))
 
     def __enter__(self):
         import threading
