@@ -336,3 +336,51 @@ def test_sigterm_to_a_two_process_launch_checkpoints_every_process_at_one_step(t
     result = json.loads((out / "results.json").read_text())
     assert f"resumed from {checkpoints[0]} at step {stopped_at}" in log
     assert result["steps"] == stopped_at + 2 and result["processes"] == 2 and len(result["losses"]) == stopped_at + 2
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_after_one_step(lm_run_inputs, tmp_path):
+    """SIGTERM reaching one worker only (signals reach processes at different moments): the epoch loop's
+    stop flag is gathered, so both processes stop after the same step and write its checkpoint together
+    (process 0 writes — it never got the signal); the run then resumes from it to the end."""
+    import threading
+
+    import psutil
+    from conftest import free_port, lm_script_args
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent), "ACCELERATE_USE_CPU": "true"}
+
+    def launch(*extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+             "--dynamo_backend", "no", str(ROOT.parent / "train_scripts" / "train_lm_boft.py"),
+             *lm_script_args(lm_run_inputs, out, *extra)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    proc, lines = launch("--num_train_epochs", "400"), []
+    reader = threading.Thread(target=lambda: lines.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while "loss=" not in "".join(lines):
+        assert time.time() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "train_lm_boft.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    log = "".join(lines)
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1 and "SIGTERM: stopped after step" in log, log[-3000:]
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    total = 400 * 6  # 48 rows at 2 × 4 an epoch
+    assert 0 < stopped_at < total
+    final = launch("--num_train_epochs", "400", "--resume_from_checkpoint", "latest", "--max_train_steps",
+                   str(stopped_at + 3))
+    log, _ = final.communicate(timeout=180)
+    assert final.returncode == 0, log[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["steps"] == stopped_at + 3 and result["processes"] == 2

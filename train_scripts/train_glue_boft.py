@@ -43,6 +43,7 @@ from boftvision.training import (
     save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    stop_requested,
     tracked_accelerator,
 )
 
@@ -170,7 +171,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
                 optimizer.zero_grad(set_to_none=True)
                 running += loss.item()
                 progress.update(1)
-                if stop.signal:  # a mid-epoch checkpoint (every process: process 0 writes), then exit
+                if stop_requested(stop, accelerator):  # any process signalled: a mid-epoch checkpoint, then exit
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
                                     extra={"epoch": epoch, "history": history, "settings": run_settings(args),
                                            "partial": batches.state(loss_sum=running)})

@@ -45,6 +45,7 @@ from boftvision.training import (
     save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    stop_requested,
     tracked_accelerator,
 )
 
@@ -136,7 +137,7 @@ def train(args) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
                 extra = {"losses": losses, "settings": run_settings(args), "epoch": epoch, "partial": batches.state()}
-                if stop.signal:  # a checkpoint at this step (every process: process 0 writes), then exit
+                if stop_requested(stop, accelerator):  # any process signalled: a checkpoint at this step, then exit
                     save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, extra)
                     exit_for_signal(stop, accelerator, step, out / f"checkpoint-{step}", progress)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:

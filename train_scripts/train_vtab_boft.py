@@ -48,6 +48,7 @@ from boftvision.training import (
     save_loss_plot,
     seed_everything,
     stop_if_diverged,
+    stop_requested,
     tracked_accelerator,
 )
 
@@ -139,7 +140,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
                 epoch_loss += loss.item()
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")
-                if stop.signal:  # a mid-epoch checkpoint (every process: process 0 writes), then exit
+                if stop_requested(stop, accelerator):  # any process signalled: a mid-epoch checkpoint, then exit
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress.n,
                                     extra={"epoch": epoch, "losses": losses, "settings": run_settings(args),
                                            "partial": batches.state(loss_sum=epoch_loss)})

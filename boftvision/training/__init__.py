@@ -44,6 +44,7 @@ from .loop import (
     seed_everything,
     start_trackers,
     stop_if_diverged,
+    stop_requested,
     tracked_accelerator,
     train_steps,
 )
@@ -56,5 +57,5 @@ __all__ = [
     "checkpoint_problem", "claim_output_dir", "list_checkpoints", "load_checkpoint", "resolve_checkpoint",
     "run_settings", "save_checkpoint", "EpochBatches", "StopSignals", "accelerator_from_args", "cosine_with_warmup",
     "exit_for_signal", "make_optimizer", "prepare_epochs", "push_to_hub", "save_loss_plot", "seed_everything",
-    "start_trackers", "stop_if_diverged", "tracked_accelerator", "train_steps",
+    "start_trackers", "stop_if_diverged", "stop_requested", "tracked_accelerator", "train_steps",
 ]

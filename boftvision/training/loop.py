@@ -228,15 +228,26 @@ class EpochBatches:
         return {"rng": self.rng, "batches_done": self.done, **more}
 
 
+def stop_requested(stop: "StopSignals", accelerator) -> bool:
+    """Whether any process got SIGTERM/SIGINT. Processes must stop after the same step (they write its
+    checkpoint together, and one that went on would wait for the others in its next collective), and
+    signals reach them at different moments: the flag is gathered, one tiny collective per call."""
+    if accelerator.num_processes == 1:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+    return bool(accelerator.gather(flag).amax())
+
+
 def exit_for_signal(stop: "StopSignals", accelerator, step: int, resume_from: Path | None, progress=None) -> None:
-    """The loops of the scripts without :func:`train_steps`, on SIGTERM/SIGINT, after they wrote a
-    checkpoint at ``step``: say where to resume and exit with status 128 + the signal's number."""
+    """The loops of the scripts without :func:`train_steps`, on SIGTERM/SIGINT (:func:`stop_requested`),
+    after they wrote a checkpoint at ``step``: say where to resume and exit with status 128 + the signal's
+    number (SIGTERM's for a process that stopped for another's signal)."""
     if progress is not None:
         progress.close()
-    name = signal.Signals(stop.signal).name
-    accelerator.print(f"\n{name}: stopped after step {step}; checkpoint written to {resume_from}. Continue with "
-                      "the same command plus --resume_from_checkpoint latest")
-    raise SystemExit(128 + int(stop.signal))
+    signum = stop.signal or signal.SIGTERM
+    accelerator.print(f"\n{signal.Signals(signum).name}: stopped after step {step}; checkpoint written to "
+                      f"{resume_from}. Continue with the same command plus --resume_from_checkpoint latest")
+    raise SystemExit(128 + int(signum))
 
 
 def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, models: list, optimizer, scheduler,
