@@ -165,25 +165,32 @@ def test_control_lora_output_loads_in_diffusers(setup, tmp_path):
     torch.testing.assert_close(unet_out(merged.unet), unet_out(ours.unet), atol=1e-5, rtol=1e-5)
 
 
-def test_control_script_under_accelerates_fsdp_equals_ddp(setup, tmp_path):
-    """Under accelerate's FSDP2 and FSDP1 (tests/accelerate_fsdp_cpu.py; the UNet and the control encoder
-    prepared as one model) two processes train exactly as under DDP: the UNet adapter and the control
-    encoder saved from the shards equal DDP's (dropout off, AdamW ε = 1: float noise in near-zero gradients
-    is not turned into ±lr steps)."""
+def control_run(setup, out, *engine):
+    """Three steps of the control script in two processes (dropout off, AdamW ε = 1: float noise in
+    near-zero gradients is not turned into ±lr steps); the saved UNet adapter and control encoder."""
     from safetensors.torch import load_file
 
-    def run(out, *engine):
-        accelerate_launch("train_controlnet_boft.py", args(
-            setup, out, "--max_train_steps", "3", "--train_batch_size", "2", "--boft_dropout", "0",
-            "--adam_epsilon", "1", "--learning_rate", "0.05"), *engine)
-        files = [out / "unet" / "adapter_model.safetensors", out / "control_encoder.safetensors"]
-        return {f.name: load_file(f) for f in files}, json.loads((out / "results.json").read_text())
+    accelerate_launch("train_controlnet_boft.py", args(
+        setup, out, "--max_train_steps", "3", "--train_batch_size", "2", "--boft_dropout", "0",
+        "--adam_epsilon", "1", "--learning_rate", "0.05"), *engine)
+    files = [out / "unet" / "adapter_model.safetensors", out / "control_encoder.safetensors"]
+    return {f.name: load_file(f) for f in files}, json.loads((out / "results.json").read_text())
 
-    expected, expected_result = run(tmp_path / "ddp")
-    for engine in ("fsdp2", "fsdp1"):
-        tensors, result = run(tmp_path / engine, engine, "BasicTransformerBlock,ResnetBlock2D")
-        assert result["processes"] == 2 and result["losses"] == pytest.approx(expected_result["losses"], abs=1e-5)
-        for name, reference in expected.items():
-            assert tensors[name].keys() == reference.keys()
-            assert all((tensors[name][k] - v).abs().max() <= 1e-5 for k, v in reference.items()), (engine, name)
+
+@pytest.fixture(scope="module")
+def control_ddp(setup, tmp_path_factory):
+    return control_run(setup, tmp_path_factory.mktemp("control-ddp") / "out")
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow)])
+def test_control_script_under_accelerates_fsdp_equals_ddp(setup, control_ddp, tmp_path, engine):
+    """Under accelerate's FSDP (tests/accelerate_fsdp_cpu.py; the UNet and the control encoder prepared as
+    one model) two processes train exactly as under DDP: the UNet adapter and the control encoder saved
+    from the shards equal DDP's."""
+    expected, expected_result = control_ddp
+    tensors, result = control_run(setup, tmp_path / engine, engine, "BasicTransformerBlock,ResnetBlock2D")
+    assert result["processes"] == 2 and result["losses"] == pytest.approx(expected_result["losses"], abs=1e-5)
+    for name, reference in expected.items():
+        assert tensors[name].keys() == reference.keys()
+        assert all((tensors[name][k] - v).abs().max() <= 1e-5 for k, v in reference.items()), name
     assert any(v.abs().max() > 0 for v in expected["control_encoder.safetensors"].values())

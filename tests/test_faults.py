@@ -291,6 +291,7 @@ def test_a_repeated_sigterm_is_caught_and_a_second_ctrl_c_is_not():
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # ~30 s; `make test-all`
 def test_sigterm_to_a_two_process_launch_checkpoints_every_process_at_one_step(tiny_sd, tmp_path):
     """`accelerate launch` with two (DDP) processes gets SIGTERM (what a pod or a job scheduler sends):
     its torchrun forwards it, both processes agree on the step to stop after, write one checkpoint

@@ -175,47 +175,64 @@ def test_lm_script_under_accelerates_fsdp_equals_ddp(lm_run_inputs, tmp_path):
         assert_same_run(out, tmp_path / "ddp")
 
 
-def test_dreambooth_script_under_accelerates_fsdp_equals_ddp_and_resumes(tiny_sd, tmp_path):
-    """train_dreambooth_boft.py under accelerate's FSDP2 and FSDP1 equals its DDP run (adapters and losses;
-    dropout off, AdamW with a large ε so that float noise in near-zero gradients is not turned into ±lr
-    steps): the UNet alone, and with --train_text_encoder (UNet and text encoder prepared as one model, the
-    blocks of both auto-wrapped); the FSDP2 run resumed from its step-2 checkpoint ends where the
-    uninterrupted one did."""
+def dreambooth_args(tiny_sd, folder, out, *extra):
+    """A short DreamBooth run whose sharded and DDP runs are comparable: dropout off, AdamW with a large ε
+    (float noise in near-zero gradients is not turned into ±lr steps), checkpoints at steps 2 and 4."""
+    return ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(folder / "instance"),
+            "--instance_prompt", "a photo of sks shape", "--output_dir", str(out), "--seed", "0",
+            "--train_batch_size", "2", "--learning_rate", "0.05", "--adam_epsilon", "1", "--boft_dropout", "0",
+            "--max_train_steps", "4", "--checkpointing_steps", "2", *SD_ADAPTER_SIZES, *extra]
+
+
+UNET_AND_TEXT_BLOCKS = "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer"
+
+
+@pytest.fixture(scope="module")
+def dreambooth_runs(tiny_sd, tmp_path_factory):
+    """DreamBooth with --train_text_encoder in two processes under DDP, FSDP2 and FSDP1."""
+    folder = tmp_path_factory.mktemp("dreambooth-accelerate")
+    write_instance_images(folder / "instance", 4)
+    text = ("--train_text_encoder",)
+    accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, folder, folder / "ddp", *text))
+    for version in (2, 1):
+        out = folder / f"fsdp{version}"
+        accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, folder, out, *text), f"fsdp{version}",
+                          UNET_AND_TEXT_BLOCKS, report=folder / f"report{version}")
+    return folder
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_dreambooth_script_under_accelerates_fsdp_equals_ddp(dreambooth_runs, version):
+    """train_dreambooth_boft.py --train_text_encoder under accelerate's FSDP2 and FSDP1 (the UNet and the
+    text encoder prepared as one model, the blocks of both auto-wrapped) equals its DDP run: adapters,
+    losses, checkpoints."""
+    out = dreambooth_runs / f"fsdp{version}"
+    assert_sharded_by_accelerate(dreambooth_runs / f"report{version}", version, "CLIPEncoderLayer")
+    assert_same_run(out, dreambooth_runs / "ddp")
+    assert sorted(adapters_of(out)) == ["text_encoder/adapter_model.safetensors", "unet/adapter_model.safetensors"]
+    assert json.loads((out / "results.json").read_text())["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.slow  # ~45 s; `make test-all`
+def test_dreambooth_script_under_fsdp_resumes_and_trains_the_unet_alone(dreambooth_runs, tiny_sd, tmp_path):
+    """The FSDP2 run resumed from its step-2 checkpoint ends where the uninterrupted one did; the UNet
+    alone (prepared by itself) under FSDP2 equals its DDP run."""
     import shutil
 
-    write_instance_images(tmp_path / "instance", 4)
-    unet_blocks = "BasicTransformerBlock,ResnetBlock2D"
-
-    def args(out, *extra):
-        return ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
-                "--instance_prompt", "a photo of sks shape", "--output_dir", str(out), "--seed", "0",
-                "--train_batch_size", "2", "--learning_rate", "0.05", "--adam_epsilon", "1", "--boft_dropout", "0",
-                "--max_train_steps", "4", "--checkpointing_steps", "2", *SD_ADAPTER_SIZES, *extra]
-
-    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "unet-ddp"))
-    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "unet-fsdp2"), "fsdp2", unet_blocks,
-                      report=tmp_path / "unet-report")
-    assert_sharded_by_accelerate(tmp_path / "unet-report", 2, "BasicTransformerBlock")
-    assert_same_run(tmp_path / "unet-fsdp2", tmp_path / "unet-ddp")
-
-    text = ("--train_text_encoder",)
-    accelerate_launch("train_dreambooth_boft.py", args(tmp_path / "ddp", *text))
-    for version in (2, 1):
-        out = tmp_path / f"fsdp{version}"
-        accelerate_launch("train_dreambooth_boft.py", args(out, *text), f"fsdp{version}",
-                          unet_blocks + ",CLIPEncoderLayer", report=tmp_path / f"report{version}")
-        assert_sharded_by_accelerate(tmp_path / f"report{version}", version, "CLIPEncoderLayer")
-        assert_same_run(out, tmp_path / "ddp")
-        assert sorted(adapters_of(out)) == ["text_encoder/adapter_model.safetensors", "unet/adapter_model.safetensors"]
-        assert json.loads((out / "results.json").read_text())["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
-
     cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "fsdp2", cut)
+    shutil.copytree(dreambooth_runs / "fsdp2", cut)
     for later in ("checkpoint-4", "unet", "text_encoder", "results.json"):
         shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
-    accelerate_launch("train_dreambooth_boft.py", args(cut, *text, "--resume_from_checkpoint", "latest"), "fsdp2",
-                      unet_blocks + ",CLIPEncoderLayer")
-    assert_same_run(cut, tmp_path / "fsdp2", tolerance=1e-6)
+    accelerate_launch("train_dreambooth_boft.py", dreambooth_args(
+        tiny_sd, dreambooth_runs, cut, "--train_text_encoder", "--resume_from_checkpoint", "latest"), "fsdp2",
+        UNET_AND_TEXT_BLOCKS)
+    assert_same_run(cut, dreambooth_runs / "fsdp2", tolerance=1e-6)
+
+    accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, dreambooth_runs, tmp_path / "unet-ddp"))
+    accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, dreambooth_runs, tmp_path / "unet-fsdp2"),
+                      "fsdp2", "BasicTransformerBlock,ResnetBlock2D", report=tmp_path / "unet-report")
+    assert_sharded_by_accelerate(tmp_path / "unet-report", 2, "BasicTransformerBlock")
+    assert_same_run(tmp_path / "unet-fsdp2", tmp_path / "unet-ddp")
 
 
 def test_parts_are_called_through_the_whole():
