@@ -79,9 +79,9 @@ def tiny_sd(tmp_path_factory):
     return path
 
 
-def accelerate_launch(script, script_args, engine: str = "ddp", wrap: str | None = None, report=None,
-                      processes: int = 2, device: str = "cpu", mixed_precision: str = "no") -> None:
-    """Run a training script under ``accelerate launch``; fail with its stderr. Default: two CPU
+def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | None = None, report=None,
+                       processes: int = 2, device: str = "cpu", mixed_precision: str = "no") -> tuple[list, dict]:
+    """``(command, env)`` that runs a training script under ``accelerate launch``. Default: two CPU
     processes over gloo.
 
     ``engine``: "ddp" (accelerate's multi-process launch) or "fsdp1"/"fsdp2": the shipped
@@ -92,7 +92,6 @@ def accelerate_launch(script, script_args, engine: str = "ddp", wrap: str | None
     (``<report>.<rank>``).
     """
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -113,7 +112,15 @@ def accelerate_launch(script, script_args, engine: str = "ddp", wrap: str | None
         target.insert(0, str(root / "tests" / "accelerate_fsdp_cpu.py"))
         if report:
             env["BOFTVISION_FSDP_REPORT"] = str(report)
-    run = subprocess.run([*command, *target, *script_args], env=env, capture_output=True, text=True, timeout=300)
+    return [*command, *target, *script_args], env
+
+
+def accelerate_launch(script, script_args, *engine, **options) -> None:
+    """Run :func:`accelerate_command` to the end; fail with its stderr."""
+    import subprocess
+
+    command, env = accelerate_command(script, script_args, *engine, **options)
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
 

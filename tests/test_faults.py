@@ -291,47 +291,61 @@ def test_a_repeated_sigterm_is_caught_and_a_second_ctrl_c_is_not():
         time.sleep(0.01)
 
 
+def start_training(script, script_args):
+    """Two processes under ``accelerate launch`` (conftest's command), output merged into one pipe."""
+    from conftest import accelerate_command
+
+    command, env = accelerate_command(script, script_args)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def start_and_wait_for_a_step(script, script_args):
+    """:func:`start_training`, returned once the progress bar shows a finished step (the loop runs), with
+    ``finish()``: waits for the launch to end and gives its whole output."""
+    import threading
+
+    proc, lines = start_training(script, script_args), []
+    reader = threading.Thread(target=lambda: lines.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while "loss=" not in "".join(lines):
+        assert time.time() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.1)
+
+    def finish() -> str:
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        return "".join(lines)
+
+    return proc, finish
+
+
 @pytest.mark.slow  # ~30 s; `make test-all`
 def test_sigterm_to_a_two_process_launch_checkpoints_every_process_at_one_step(tiny_sd, tmp_path):
     """`accelerate launch` with two (DDP) processes gets SIGTERM (what a pod or a job scheduler sends):
     its torchrun forwards it, both processes agree on the step to stop after, write one checkpoint
     together and exit; the same command plus --resume_from_checkpoint latest continues from that step."""
-    from conftest import free_port, write_instance_images
+    from conftest import write_instance_images
 
     write_instance_images(tmp_path / "instance", 2)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent), "ACCELERATE_USE_CPU": "true"}
 
-    def launch(*extra):
-        return subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-             "--dynamo_backend", "no", str(ROOT.parent / "train_scripts" / "train_dreambooth_boft.py"),
-             "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
-             "--instance_prompt", "a photo of sks shape", "--train_batch_size", "1", "--seed", "0",
-             "--boft_block_size", "4", "--checkpointing_steps", "100000", "--output_dir", str(out), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def args(*extra):
+        return ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "instance"),
+                "--instance_prompt", "a photo of sks shape", "--train_batch_size", "1", "--seed", "0",
+                "--boft_block_size", "4", "--checkpointing_steps", "100000", "--output_dir", str(out), *extra]
 
-    import threading
-
-    proc, lines = launch("--max_train_steps", "100000"), []
-    reader = threading.Thread(target=lambda: lines.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 120
-    while "loss=" not in "".join(lines):  # the progress bar shows a finished step: the loop runs
-        assert time.time() < deadline and proc.poll() is None, "".join(lines)[-3000:]
-        time.sleep(0.1)
+    proc, finish = start_and_wait_for_a_step("train_dreambooth_boft.py", args("--max_train_steps", "100000"))
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    reader.join(timeout=10)
-    log = "".join(lines)
+    log = finish()
     assert proc.returncode != 0 and "SIGTERM: stopped after step" in log, log[-3000:]
     checkpoints = list_checkpoints(out)
     assert len(checkpoints) == 1, log[-3000:]
     stopped_at = int(checkpoints[0].name.split("-")[1])
     assert stopped_at > 0 and not (out / "unet").exists()
-    final = launch("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest")
+    final = start_training("train_dreambooth_boft.py",
+                           args("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"))
     log, _ = final.communicate(timeout=180)
     assert final.returncode == 0, log[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -343,44 +357,26 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_one_step(lm_run_input
     """SIGTERM reaching one worker only (signals reach processes at different moments): the epoch loop's
     stop flag is gathered, so both processes stop after the same step and write its checkpoint together
     (process 0 writes — it never got the signal); the run then resumes from it to the end."""
-    import threading
-
     import psutil
-    from conftest import free_port, lm_script_args
+    from conftest import lm_script_args
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT.parent), "ACCELERATE_USE_CPU": "true"}
-
-    def launch(*extra):
-        return subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-             "--dynamo_backend", "no", str(ROOT.parent / "train_scripts" / "train_lm_boft.py"),
-             *lm_script_args(lm_run_inputs, out, *extra)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    proc, lines = launch("--num_train_epochs", "400"), []
-    reader = threading.Thread(target=lambda: lines.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 120
-    while "loss=" not in "".join(lines):
-        assert time.time() < deadline and proc.poll() is None, "".join(lines)[-3000:]
-        time.sleep(0.1)
+    proc, finish = start_and_wait_for_a_step("train_lm_boft.py", lm_script_args(lm_run_inputs, out,
+                                                                                 "--num_train_epochs", "400"))
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "train_lm_boft.py" in " ".join(p.cmdline())]
     assert len(workers) == 2
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    reader.join(timeout=10)
-    log = "".join(lines)
+    log = finish()
     checkpoints = list_checkpoints(out)
     assert len(checkpoints) == 1 and "SIGTERM: stopped after step" in log, log[-3000:]
     stopped_at = int(checkpoints[0].name.split("-")[1])
     total = 400 * 6  # 48 rows at 2 × 4 an epoch
     assert 0 < stopped_at < total
-    final = launch("--num_train_epochs", "400", "--resume_from_checkpoint", "latest", "--max_train_steps",
-                   str(stopped_at + 3))
+    final = start_training("train_lm_boft.py", lm_script_args(
+        lm_run_inputs, out, "--num_train_epochs", "400", "--resume_from_checkpoint", "latest", "--max_train_steps",
+        str(stopped_at + 3)))
     log, _ = final.communicate(timeout=180)
     assert final.returncode == 0, log[-3000:]
     result = json.loads((out / "results.json").read_text())
