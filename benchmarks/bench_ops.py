@@ -1,8 +1,10 @@
 """The pieces of an OFT/BOFT layer's cost on one 1024-wide layer (2048 fp32 tokens by default), in ms
 (minimum over ``--iters``): one GEMM of the layer, the collapsed block product (m = 2, b = 8: 16-wide
 blocks) forward + backward, the full butterfly's two block products forward + backward and forward
-alone, and the permuted copy that moves 4-float chunks as 16-byte elements against a plain permute.
-These are the measurements behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``).
+alone — each as the einsum reference and as the layers run it (``ops.block_kernel.block_rotate``: oneDNN
+grouped convolutions on CPU) — and the permuted copy that moves 4-float chunks as 16-byte elements
+against a plain permute. These are the measurements behind the cost model's CPU constants
+(``adapters.orthogonal.PASS_COST``).
 
     python benchmarks/bench_ops.py
 """
@@ -13,6 +15,7 @@ import time
 
 import torch
 
+from boftvision.ops.block_kernel import block_rotate
 from boftvision.ops.orthogonal import (
     apply_two_product,
     block_product,
@@ -55,12 +58,16 @@ def main() -> None:
     full_m = d.bit_length() - b.bit_length() + 1  # log2(d / b) + 1
     low, high = two_product_operands(cayley(skew_from_square(0.1 * torch.randn(full_m, d // b, b, b))))
     chunks = (t, 16, d // 64, b // 2)  # (tokens, j, l, b/2) as in the high product
-    rows = {
-        "GEMM x W^T (forward only)": lambda: x @ weight.T,
-        "collapsed block product m=2 b=8, forward + backward": forward_backward(block_product, x, m2),
-        f"two block products (full butterfly m={full_m}, b=8), forward + backward":
-            forward_backward(lambda v, lo, hi: apply_two_product(v, lo, hi, full_m, b), x, low, high),
-        "two block products, forward": lambda: apply_two_product(x, low, high, full_m, b),
+    rows = {"GEMM x W^T (forward only)": lambda: x @ weight.T}
+    for name, product in (("einsum", block_product), ("as run", block_rotate)):
+        rows |= {
+            f"collapsed block product m=2 b=8, forward + backward ({name})": forward_backward(product, x, m2),
+            f"two block products (full butterfly m={full_m}, b=8), forward + backward ({name})": forward_backward(
+                lambda v, lo, hi, p=product: apply_two_product(v, lo, hi, full_m, b, product=p), x, low, high),
+            f"two block products, forward ({name})": lambda p=product: apply_two_product(x, low, high, full_m, b,
+                                                                                       product=p),
+        }
+    rows |= {
         "permuted copy, b/2-chunks as 16-byte elements": lambda: permute_copy(x, chunks, (0, 2, 1, 3)),
         "permuted copy, plain permute": lambda: x.reshape(chunks).permute(0, 2, 1, 3).contiguous(),
     }

@@ -49,3 +49,36 @@ def test_kernels_on_cuda():
     result = check("cuda")
     assert len(result["ops"]) == 4 * 3 * 4
     assert_kernels_match(result)
+
+
+def test_cpu_block_product_as_grouped_convolutions_equals_the_einsum():
+    """On CPU (no interpreter) fp32 blocks ≥ 16 wide run as oneDNN grouped 1×1 convolutions with a
+    batched-GEMM block gradient; outputs and both gradients equal the einsum reference."""
+    from boftvision.ops import block_kernel
+    from boftvision.ops.orthogonal import apply_factor
+
+    if not block_kernel.ONEDNN:
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    for b in (16, 32, 64):
+        width = 4 * b
+        inputs = {"2-D": torch.randn(37, width), "one token": torch.randn(1, width),
+                  "3-D non-contiguous": torch.randn(3, width, 5).transpose(1, 2),
+                  "4-D": torch.randn(2, 3, 5, width)}
+        for name, x in inputs.items():
+            blocks = torch.randn(width // b, b, b) / b ** 0.5
+            assert block_kernel.grouped_supported(x, blocks) and not block_kernel.supported(x, blocks)
+            grad = torch.randn(x.shape)
+            results = []
+            for product in (block_kernel.block_rotate, lambda v, r: apply_factor(v, r, 0)):
+                xl, rl = x.detach().requires_grad_(), blocks.detach().requires_grad_()
+                out = product(xl, rl)
+                results.append((out, *torch.autograd.grad(out, (xl, rl), grad)))
+            for ours, ref in zip(*results):
+                assert ours.shape == ref.shape
+                assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (b, name)
+    x = torch.randn(4, 64)
+    for blocks in (torch.randn(8, 8, 8), torch.randn(4, 16, 16, dtype=torch.float64)):  # 8 wide, fp64
+        xx = x.to(blocks.dtype)
+        assert not block_kernel.grouped_supported(xx, blocks)
+        assert torch.equal(block_kernel.block_rotate(xx, blocks), apply_factor(xx, blocks, 0))

@@ -4,9 +4,9 @@ batched per-step computation of many layers' rotations (:func:`share_rotations`)
 
 The rotation is never built as a d×d matrix. Its fp32 operand (R's collapsed diagonal blocks, the
 blocks of its two-product form R = H·L for deeper butterflies, or the m factors) always comes from
-:class:`RotationOperands`, alone or batched over layers: a function whose backward recomputes the small
-batched computation, so any number of backward passes — reentrant gradient checkpointing's included —
-may go through it and no cached result is ever stale.
+:class:`RotationOperands`, alone or batched over layers: a function that keeps the small batched
+computation's graph for its backward, so any number of backward passes — reentrant gradient
+checkpointing's included — may go through it, and that refuses a parameter changed in between.
 """
 from __future__ import annotations
 
@@ -300,20 +300,28 @@ class OrthogonalAdapter(Adapter):
 
 
 class RotationOperands(torch.autograd.Function):
-    """``compute(*raws)`` → one fp32 tensor, differentiable in ``raws``, with no graph kept in between.
+    """``compute(*raws)`` → one fp32 tensor, differentiable in ``raws``, its small graph kept for any
+    number of backward passes.
 
-    Forward runs ``compute`` without autograd; backward runs it again with autograd and differentiates.
-    Nothing is freed by a backward pass, so several backward passes may go through one result: reentrant
-    checkpointing differentiates a recomputed block on its own and the rest of the model afterwards,
-    both reaching the same rotations. The cost is one more (small, batched) forward per backward pass.
+    Forward runs ``compute`` on detached leaves (with autograd when a gradient will be wanted) and returns
+    the result without that graph; backward differentiates the kept graph with ``retain_graph``, so
+    several backward passes may go through one result: reentrant checkpointing differentiates a
+    recomputed block on its own and the rest of the model afterwards, both reaching the same rotations.
+    What is kept is the batched Cayley step's intermediates (a few blocks-sized tensors), freed with the
+    step's graph.
     """
 
     @staticmethod
     def forward(ctx, compute, *raws):
-        ctx.compute = compute
         ctx.raws = tuple(r.detach() for r in raws)  # share the parameters' in-place version counters
         ctx.versions = tuple(r._version for r in raws)
-        return compute(*raws)
+        needed = ctx.needs_input_grad[1:]
+        if not any(needed):
+            return compute(*raws)
+        with torch.enable_grad():
+            ctx.leaves = [r.detach().requires_grad_(need) for r, need in zip(raws, needed)]
+            ctx.result = compute(*ctx.leaves)
+        return ctx.result.detach()
 
     @staticmethod
     @once_differentiable
@@ -322,10 +330,8 @@ class RotationOperands(torch.autograd.Function):
             raise RuntimeError("an OFT/BOFT parameter was modified in place (an optimizer step?) between the "
                                "forward and the backward that needs it; step after backward")
         needed = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
-            leaves = [r.detach().requires_grad_(need) for r, need in zip(ctx.raws, needed)]
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(ctx.compute(*leaves), wanted, grad) if wanted else ())
+        wanted = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad(ctx.result, wanted, grad, retain_graph=True))
         return (None, *[next(grads) if need else None for need in needed])
 
 
