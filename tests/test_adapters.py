@@ -328,6 +328,27 @@ def test_batched_rotations_equal_per_layer_ones(net, inputs, method):
         torch.testing.assert_close(shared.fc1(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_factors", [2, 5])
+def test_a_rotation_serves_several_backward_passes_and_refuses_a_changed_parameter(n_factors):
+    """The batched rotation keeps its small graph: two backward passes through one forward's rotation
+    give twice the gradient (what reentrant checkpointing needs); a parameter stepped in between is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    bv.add_adapter(model, bv.BOFTConfig(block_size=4, n_butterfly_factor=n_factors, init_weights=False,
+                                        target_modules=["0", "2"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(7, 64)
+    loss = model(x).square().sum()
+    once = torch.autograd.grad(loss, params, retain_graph=True)
+    twice = torch.autograd.grad(2 * loss, params, retain_graph=True)
+    for a, b in zip(once, twice):
+        torch.testing.assert_close(2 * a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        params[0].add_(0.1)
+    with pytest.raises(RuntimeError, match="modified in place .* step after backward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("orientation", ["input", "output"])
 def test_deep_butterflies_batch_across_layers(orientation):
     """Full butterflies (two block products) of layers of different widths get their rotations from one
