@@ -72,12 +72,12 @@ SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakre
 
 # MAC-equivalents per element of one memory-bound pass over activations, per device type (see
 # choose_side). CPU: `python benchmarks/bench_ops.py` on a 2-core x86 CPU (1024-wide layer, 2048 fp32
-# tokens, several runs): one GEMM of the layer 24–30 ms (2.1 G MACs), a collapsed block product's forward
-# + backward (3 passes) 10–13 ms, the two block products' 25–27 ms: ~150 MACs per element and pass, two
-# products ≈ 2 passes. H100: measured with benchmarks/bench_models.py, where the weight side won on
-# DINOv2-L and SD's UNet (an activation pass there is a handful of permute/copy kernels, a GEMM runs near
-# 800 TFLOP/s)
-PASS_COST = {"cpu": 150, "cuda": 4000}
+# tokens, three runs): one GEMM of the layer 24–25 ms (2.1 G MACs), a collapsed block product's forward
+# + backward (3 passes) 6.3–7.8 ms, the two block products' as the layers run them 14–18 ms: ~100 MACs per
+# element and pass, two products ≈ 2 passes. H100: measured with benchmarks/bench_models.py, where the
+# weight side won on DINOv2-L and SD's UNet (an activation pass there is a handful of permute/copy
+# kernels, a GEMM runs near 800 TFLOP/s)
+PASS_COST = {"cpu": 100, "cuda": 4000}
 TWO_PRODUCT_PASSES = 2  # two block products and their permuted copies, in units of one collapsed pass
 COLLAPSE_SPAN = 64  # collapse the m factors into R's diagonal blocks when they are at most this wide
 
@@ -299,6 +299,10 @@ class OrthogonalAdapter(Adapter):
         return self.n_factors * self.block_num * b * (b - 1) // 2 + (0 if s is None else s.numel())
 
 
+def keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class RotationOperands(torch.autograd.Function):
     """``compute(*raws)`` → one fp32 tensor, differentiable in ``raws``, its small graph kept for any
     number of backward passes.
@@ -318,7 +322,9 @@ class RotationOperands(torch.autograd.Function):
         needed = ctx.needs_input_grad[1:]
         if not any(needed):
             return compute(*raws)
-        with torch.enable_grad():
+        # identity hooks: what this small graph saves stays out of any outer saved-tensor hooks
+        # (non-reentrant checkpointing would count it against its recomputation)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, keep):
             ctx.leaves = [r.detach().requires_grad_(need) for r, need in zip(raws, needed)]
             ctx.result = compute(*ctx.leaves)
         return ctx.result.detach()

@@ -289,9 +289,12 @@ def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class ScaleShift(torch.autograd.Function):
-    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward, and a
-    backward that reads y once for s's gradient (autograd's addcmul also multiplies y by its scalar
-    factor: one more pass over the activations)."""
+    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward; the backward
+    goes over the rows in cache-sized chunks, so the output gradient is read from memory once for all three
+    gradients (autograd's addcmul reads it, and y, once per gradient and writes y·grad in full).
+    """
+
+    CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32)
 
     @staticmethod
     def forward(ctx, y, s, bias):
@@ -304,10 +307,25 @@ class ScaleShift(torch.autograd.Function):
     def backward(ctx, grad):
         y, s = ctx.saved_tensors
         need_y, need_s, need_bias = ctx.needs_input_grad
-        grad_y = grad * s if need_y else None
-        grad_s = (grad * y).reshape(-1, s.shape[-1]).sum(0) if need_s else None
-        grad_bias = grad.reshape(-1, s.shape[-1]).sum(0) if need_bias and ctx.has_bias else None
-        return grad_y, grad_s, grad_bias
+        need_bias = need_bias and ctx.has_bias
+        n, wide = s.shape[-1], torch.promote_types(s.dtype, torch.float32)  # sums at least in fp32
+        rows = grad.reshape(-1, n)
+        flat_y = y.reshape(-1, n) if need_s else None
+        grad_y = torch.empty(rows.shape, dtype=grad.dtype, device=grad.device) if need_y else None
+        grad_s = torch.zeros(n, dtype=wide, device=grad.device) if need_s else None
+        grad_bias = torch.zeros(n, dtype=wide, device=grad.device) if need_bias else None
+        step = max(1, ScaleShift.CHUNK // n)
+        for start in range(0, rows.shape[0], step):
+            g = rows[start:start + step]
+            if need_y:
+                torch.mul(g, s, out=grad_y[start:start + step])
+            if need_s:
+                grad_s += (g * flat_y[start:start + step]).sum(0, dtype=wide)
+            if need_bias:
+                grad_bias += g.sum(0, dtype=wide)
+        return (None if grad_y is None else grad_y.view(grad.shape),
+                None if grad_s is None else grad_s.to(s.dtype),
+                None if grad_bias is None else grad_bias.to(s.dtype))
 
 
 def scale_shift(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
