@@ -119,13 +119,18 @@ def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Te
     """
     n, b, _ = blocks.shape
     lead = x.shape[:-1]  # explicit sizes below (no -1): an empty batch reshapes too
-    if factor == 0:
+    rows = math.prod(lead)
+    if factor == 0 and b >= 16:  # the einsum's own copies are as fast here (2048 × 1024 fp32, a 2-core x86 CPU)
         y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, n, b), blocks)
         return y.reshape(*lead, n * b)
+    if factor == 0:  # (rows, n, b) → (n, rows, b), as below
+        y = torch.bmm(PermuteCopy.apply(x, (rows, n, b), (1, 0, 2)), blocks)
+        return PermuteCopy.apply(y, (n, rows, b), (1, 0, 2)).reshape(*lead, n * b)
     group, half = 2 ** factor, b // 2
-    segments, rows = n // group, math.prod(lead)
+    segments = n // group
     # (rows, s, e, j, t) → (s, j, rows, e, t): one batched product over the N blocks, and back; the copies
-    # move whole b/2-chunks (see permute_copy), several times faster than the einsum's own
+    # move whole b/2-chunks (see permute_copy): 8-wide blocks, factor 0, forward + backward on 2048 × 1024
+    # fp32 tokens: 9.9 ms against the einsum's 22.1 (a 2-core x86 CPU, minimum of 40 interleaved)
     xv = PermuteCopy.apply(x, (rows, segments, 2, group, half), (1, 3, 0, 2, 4)).reshape(n, rows, b)
     y = PermuteCopy.apply(torch.bmm(xv, blocks), (segments, group, rows, 2, half), (2, 0, 3, 1, 4))
     return y.reshape(*lead, n * b)
