@@ -247,7 +247,7 @@ class OrthogonalAdapter(Adapter):
                 return base._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
         if self.output_side:
-            return self.rotate_outputs(base, x, operand)
+            return self.rotate_outputs(base, x, operand, quantized)
         x = self.rotate(x, operand)  # PEFT's order: rotate, base layer, scale without the bias
         s = self.scale()
         if s is None:
@@ -261,15 +261,23 @@ class OrthogonalAdapter(Adapter):
             bias = None if base.bias is None else base.bias.to(y.dtype)
         return scale_shift(y, s.reshape(-1).to(y.dtype), bias)
 
-    def rotate_outputs(self, base: nn.Module, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
-        """Output side on the activations: ``s ⊙ ((x W0ᵀ) Rᵀ) + bias`` (channels last for the rotation)."""
+    def rotate_outputs(self, base: nn.Module, x: torch.Tensor, operand: torch.Tensor,
+                       quantized: bool = False) -> torch.Tensor:
+        """Output side on the activations: ``s ⊙ ((x W0ᵀ) Rᵀ) + bias`` (channels last for the rotation).
+        A float linear layer's product is taken without its bias, which the scaling pass adds."""
+        s = self.scale()
+        if not (quantized or self.shape.is_conv):
+            z = self.rotate(F.linear(x, self.shape.weight(base).to(x.dtype)), operand, transpose=True)
+            bias = None if base.bias is None else base.bias.to(z.dtype)
+            if s is None:
+                return z if bias is None else z + bias
+            return scale_shift(z, s.reshape(-1).to(z.dtype), bias)
         y = base(x)
         conv = y.dim() > 2 and self.shape.is_conv
         if conv:
             y = y.movedim(1, -1)
         bias = None if base.bias is None else base.bias.to(y.dtype)
         z = self.rotate(y if bias is None else y - bias, operand, transpose=True)
-        s = self.scale()
         if s is not None:
             z = z * s.reshape(-1).to(z.dtype)
         if bias is not None:
