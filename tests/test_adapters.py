@@ -443,12 +443,12 @@ def test_output_orientation_batches_rotations_and_interpolates(net, inputs, meth
 
 
 @pytest.mark.parametrize("orientation", ["input", "output"])
-def test_deep_butterflies_run_as_two_block_products(orientation):
-    """BOFT deeper than the collapse span (full butterfly, m = 5 on width 128, b = 8) applies R as two
-    block products: outputs and gradients equal the factor-by-factor path, on both sides, Linear and
-    Conv2d, and merge equals the forward."""
+def test_deep_butterflies_run_as_two_block_products(orientation, monkeypatch):
+    """BOFT deeper than the collapse span (full butterfly, m = 6 on width 256, b = 8) applies R as two
+    block products (32 wide each: on CPU the oneDNN grouped path): outputs and gradients equal the
+    factor-by-factor path, on both sides, Linear and Conv2d, and merge equals the forward."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(128, 128), nn.Conv2d(128, 128, 1))
+    net = nn.Sequential(nn.Linear(256, 256), nn.Conv2d(256, 256, 1))
     config = bv.BOFTConfig(block_size=8, n_butterfly_factor=0, init_weights=False, target_modules=["0", "1"],
                            orientation=orientation)
     fast = bv.add_adapter(copy.deepcopy(net), config)
@@ -456,7 +456,7 @@ def test_deep_butterflies_run_as_two_block_products(orientation):
     assert all(layer.adapters["default"].two_product for _, layer in adapted_layers(fast))
     for _, layer in adapted_layers(slow):
         layer.adapters["default"].two_product = False
-    x = torch.randn(6, 128)
+    x = torch.randn(6, 256)
 
     def run_both(model):
         return model[1](model[0](x)[..., None, None]).flatten(1)
@@ -473,6 +473,14 @@ def test_deep_butterflies_run_as_two_block_products(orientation):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    from boftvision.ops import block_kernel
+
+    if block_kernel.ONEDNN:  # the fast path above went through the grouped products
+        grouped = block_kernel.GroupedProduct.apply
+        calls = []
+        monkeypatch.setattr(block_kernel.GroupedProduct, "apply", lambda *a: calls.append(1) or grouped(*a))
+        run_both(fast)
+        assert len(calls) == 4  # two products in each of the two layers
     with torch.no_grad():
         expected = run_both(fast)
         bv.merge_adapter(fast)
