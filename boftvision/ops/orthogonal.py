@@ -294,9 +294,10 @@ def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class ScaleShift(torch.autograd.Function):
-    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward; the backward
-    goes over the rows in cache-sized chunks, so the output gradient is read from memory once for all three
-    gradients (autograd's addcmul reads it, and y, once per gradient and writes y·grad in full).
+    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward; on CPU the
+    backward goes over the rows in cache-sized chunks, so the output gradient is read from memory once for
+    all three gradients (autograd's addcmul reads it, and y, once per gradient and writes y·grad in full).
+    On GPUs and in compiled graphs it is one chunk: a kernel launch per chunk would cost more there.
     """
 
     CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32)
@@ -319,7 +320,8 @@ class ScaleShift(torch.autograd.Function):
         grad_y = torch.empty(rows.shape, dtype=grad.dtype, device=grad.device) if need_y else None
         grad_s = torch.zeros(n, dtype=wide, device=grad.device) if need_s else None
         grad_bias = torch.zeros(n, dtype=wide, device=grad.device) if need_bias else None
-        step = max(1, ScaleShift.CHUNK // n)
+        chunked = grad.device.type == "cpu" and not torch.compiler.is_compiling()
+        step = max(1, ScaleShift.CHUNK // n) if chunked else max(1, rows.shape[0])
         for start in range(0, rows.shape[0], step):
             g = rows[start:start + step]
             if need_y:
