@@ -1,12 +1,14 @@
-"""The pieces of an OFT/BOFT layer's cost on one 1024-wide layer (2048 fp32 tokens by default), in ms
-(minimum over ``--iters``): one GEMM of the layer, the collapsed block product (m = 2, b = 8: 16-wide
-blocks) forward + backward, the full butterfly's two block products forward + backward and forward
-alone — each as the einsum reference and as the layers run it (``ops.block_kernel.block_rotate``: oneDNN
-grouped convolutions on CPU) — and the permuted copy that moves 4-float chunks as 16-byte elements
-against a plain permute. These are the measurements behind the cost model's CPU constants
-(``adapters.orthogonal.PASS_COST``).
+"""The pieces of an OFT/BOFT layer's cost on one 1024-wide layer (2048 fp32 tokens by default), in ms:
+one GEMM of the layer; one block product (8-, 32- and 64-wide blocks) forward + backward; the collapsed
+m = 2, b = 8 product (16-wide blocks); the full butterfly's two block products forward + backward and
+forward alone — each as the plain einsum and as the layers run it (``ops.block_kernel.block_rotate``:
+oneDNN grouped convolutions on CPU for blocks ≥ 32 wide; ``ops.orthogonal.apply_factor``: chunk copies
+around one batched product for narrower blocks) — and the permuted copy that moves 4-float chunks as
+16-byte elements against a plain permute. Every piece runs once per round, ``--iters`` rounds, and
+reports its fastest: the machine's drifts reach all pieces alike. These are the measurements behind the
+cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
 
-    python benchmarks/bench_ops.py
+    python benchmarks/bench_ops.py --iters 40
 """
 from __future__ import annotations
 
@@ -27,14 +29,22 @@ from boftvision.ops.orthogonal import (
 )
 
 
-def best_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
+def fastest_ms(rows: dict, iters: int) -> dict:
+    """Each row's fastest time over ``iters`` rounds that run every row once (after one warm-up round)."""
+    times = {label: [] for label in rows}
+    for round_ in range(iters + 1):
+        for label, fn in rows.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[label].append(time.perf_counter() - start)
+    return {label: min(t) * 1000 for label, t in times.items()}
+
+
+def einsum_product(v: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``v @ blockdiag(blocks)`` as one plain einsum (the reference the CPU paths are measured against)."""
+    n, b, _ = blocks.shape
+    return torch.einsum("...nk,nkc->...nc", v.reshape(*v.shape[:-1], n, b), blocks).reshape(v.shape)
 
 
 def forward_backward(fn, *inputs):
@@ -59,7 +69,12 @@ def main() -> None:
     low, high = two_product_operands(cayley(skew_from_square(0.1 * torch.randn(full_m, d // b, b, b))))
     chunks = (t, 16, d // 64, b // 2)  # (tokens, j, l, b/2) as in the high product
     rows = {"GEMM x W^T (forward only)": lambda: x @ weight.T}
-    for name, product in (("einsum", block_product), ("as run", block_rotate)):
+    for width in (8, 32, 64):
+        blocks = cayley(skew_from_square(0.1 * torch.randn(d // width, width, width)))
+        as_run = block_product if width < 16 else block_rotate
+        for name, product in (("einsum", einsum_product), ("as run", as_run)):
+            rows[f"one block product b={width}, forward + backward ({name})"] = forward_backward(product, x, blocks)
+    for name, product in (("einsum", einsum_product), ("as run", block_rotate)):
         rows |= {
             f"collapsed block product m=2 b=8, forward + backward ({name})": forward_backward(product, x, m2),
             f"two block products (full butterfly m={full_m}, b=8), forward + backward ({name})": forward_backward(
@@ -73,8 +88,8 @@ def main() -> None:
     }
     print(f"width={d} tokens={t} fp32 torch={torch.__version__} threads={torch.get_num_threads()}")
     print("| piece | ms |\n|---|---|")
-    for label, fn in rows.items():
-        print(f"| {label} | {best_ms(fn, args.iters):.3f} |")
+    for label, ms in fastest_ms(rows, args.iters).items():
+        print(f"| {label} | {ms:.3f} |")
 
 
 if __name__ == "__main__":

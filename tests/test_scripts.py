@@ -101,9 +101,9 @@ def test_ops_benchmark_times_every_piece():
     out = run("benchmarks/bench_ops.py", "--width", "128", "--tokens", "64", "--iters", "1")
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| piece")}
-    assert len(rows) == 9 and all(ms > 0 for ms in rows.values())
+    assert len(rows) == 15 and all(ms > 0 for ms in rows.values())
     einsum = [label for label in rows if label.endswith("(einsum)")]  # each timed both ways
-    assert len(einsum) == 3 and all(label.replace("(einsum)", "(as run)") in rows for label in einsum)
+    assert len(einsum) == 6 and all(label.replace("(einsum)", "(as run)") in rows for label in einsum)
 
 
 def test_dreambooth_comparison_trains_every_run_on_the_chosen_unet_layers(tmp_path, monkeypatch):

@@ -77,8 +77,9 @@ class GroupedProduct(torch.autograd.Function):
     """``x @ blockdiag(blocks)`` on CPU: forward and input gradient as oneDNN grouped convolutions
     (weights Bᵀ and B), the blocks' gradient ``dB_n = x_nᵀ dy_n`` as one batched GEMM on strided views.
     All three read the activations in place. Forward + backward on 2048 × 1024 fp32 tokens, a 2-core x86
-    CPU, interleaved, minimum of 40: 6.6 ms against the einsum's 10.8 (64-wide blocks), 6.5 against 9.1
-    (32-wide), 7.5 against 6.7 (16-wide: not taken)."""
+    CPU (``python benchmarks/bench_ops.py --iters 40``, two runs): 4.8 ms against the einsum's 7.2–7.6
+    (64-wide blocks), 4.2–4.5 against 5.9–6.0 (32-wide); 16-wide blocks measured 7.5 against 6.7 in an
+    alternating run of the two, so they keep the einsum."""
 
     @staticmethod
     def forward(ctx, x, blocks):
