@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
     parser.add_argument("--rows", nargs="+", help="only the rows whose label contains one of these (and the frozen "
                         "base), e.g. --rows 'BOFT full' LyCORIS")
+    parser.add_argument("--profile", metavar="LABEL",
+                        help="after the table, torch.profiler's per-operator table of 3 steps of the row with this "
+                             "label (e.g. 'ours BOFT full b=8'): where a step's time goes")
     parser.add_argument("--side", default="auto", choices=["auto", "input", "weight"],
                         help="pin the rotation side of our OFT/BOFT (default: chosen per layer by cost)")
     args = parser.parse_args()
@@ -213,6 +216,14 @@ def main() -> None:
                 for label, (ms, peak) in timed.items()]
         for label, ms, saved, peak in rows:
             print(f"| {width} | {label} | {ms:.2f} | {ms / frozen:.2f} | {saved:.0f} | {peak:.2f} |")
+        if args.profile in steps:
+            from torch.profiler import profile
+
+            with profile() as prof:
+                for _ in range(3):
+                    steps[args.profile]()
+            print(f"\n{args.profile}, width {width}, 3 steps:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

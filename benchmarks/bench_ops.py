@@ -4,9 +4,10 @@ m = 2, b = 8 product (16-wide blocks); the full butterfly's two block products f
 forward alone — each as the plain einsum and as the layers run it (``ops.block_kernel.block_rotate``:
 oneDNN grouped convolutions on CPU for blocks ≥ 32 wide; ``ops.orthogonal.apply_factor``: chunk copies
 around one batched product for narrower blocks) — and the permuted copy that moves 4-float chunks as
-16-byte elements against a plain permute. Every piece runs once per round, ``--iters`` rounds, and
-reports its fastest: the machine's drifts reach all pieces alike. These are the measurements behind the
-cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
+16-byte elements against a plain permute; also a dense product as a oneDNN convolution, the batched
+rotation operands of four layers, and the output scale's two forms. Every piece runs once per round,
+``--iters`` rounds, and reports its fastest: the machine's drifts reach all pieces alike. These are the
+measurements behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
 
     python benchmarks/bench_ops.py --iters 40
 """
@@ -16,6 +17,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from boftvision.ops.block_kernel import block_rotate
 from boftvision.ops.orthogonal import (
@@ -24,6 +26,7 @@ from boftvision.ops.orthogonal import (
     cayley,
     collapse_butterfly,
     permute_copy,
+    scale_shift,
     skew_from_square,
     two_product_operands,
 )
@@ -68,7 +71,9 @@ def main() -> None:
     full_m = d.bit_length() - b.bit_length() + 1  # log2(d / b) + 1
     low, high = two_product_operands(cayley(skew_from_square(0.1 * torch.randn(full_m, d // b, b, b))))
     chunks = (t, 16, d // 64, b // 2)  # (tokens, j, l, b/2) as in the high product
-    rows = {"GEMM x W^T (forward only)": lambda: x @ weight.T}
+    image = x.view(1, 1, t, d).permute(0, 3, 1, 2)  # x as one channels-last image of t pixels
+    rows = {"GEMM x W^T (forward only)": lambda: x @ weight.T,
+            "x W^T as a oneDNN 1x1 convolution (forward only)": lambda: F.conv2d(image, weight.view(d, d, 1, 1))}
     for width in (8, 32, 64):
         blocks = cayley(skew_from_square(0.1 * torch.randn(d // width, width, width)))
         as_run = block_product if width < 16 else block_rotate
@@ -82,7 +87,13 @@ def main() -> None:
             f"two block products, forward ({name})": lambda p=product: apply_two_product(x, low, high, full_m, b,
                                                                                        product=p),
         }
+    raw = 0.1 * torch.randn(full_m, 4 * d // b, b, b)  # four layers' full butterflies, as one batch
+    s_, bias = torch.randn(d), torch.randn(d)
     rows |= {
+        f"rotation operands of 4 layers (m={full_m}, b=8), forward + backward": forward_backward(
+            lambda r: torch.cat([o.reshape(-1) for o in two_product_operands(cayley(skew_from_square(r)))]), raw),
+        "scale and bias, forward + backward (ScaleShift)": forward_backward(scale_shift, x, s_, bias),
+        "scale and bias, forward + backward (autograd's addcmul)": forward_backward(torch.addcmul, bias, x, s_),
         "permuted copy, b/2-chunks as 16-byte elements": lambda: permute_copy(x, chunks, (0, 2, 1, 3)),
         "permuted copy, plain permute": lambda: x.reshape(chunks).permute(0, 2, 1, 3).contiguous(),
     }

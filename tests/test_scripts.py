@@ -28,11 +28,12 @@ def test_core_demo_trains_every_method_and_reloads(tmp_path):
 
 def test_layer_benchmark_prints_ratios():
     out = run("benchmarks/bench_layers.py", "--widths", "64", "--tokens", "64", "--layers", "2",
-              "--iters", "1", "--warmup", "0")
+              "--iters", "1", "--warmup", "0", "--profile", "ours BOFT m=2 b=8")
     lines = [line for line in out.splitlines() if line.startswith("| 64 |")]
     labels = [line.split("|")[2].strip() for line in lines]
     assert "frozen base" in labels and "ours BOFT m=2 b=8" in labels and "PEFT BOFT m=2 b=8 true m" in labels
     assert all(float(line.split("|")[3]) > 0 for line in lines)  # step ms
+    assert "ScaleShiftBackward" in out.split("ours BOFT m=2 b=8, width 64, 3 steps:")[1]  # the row's profile
 
 
 def test_expressiveness_script_writes_table_and_plot(tmp_path):
@@ -101,7 +102,7 @@ def test_ops_benchmark_times_every_piece():
     out = run("benchmarks/bench_ops.py", "--width", "128", "--tokens", "64", "--iters", "1")
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| piece")}
-    assert len(rows) == 15 and all(ms > 0 for ms in rows.values())
+    assert len(rows) == 19 and all(ms > 0 for ms in rows.values())
     einsum = [label for label in rows if label.endswith("(einsum)")]  # each timed both ways
     assert len(einsum) == 6 and all(label.replace("(einsum)", "(as run)") in rows for label in einsum)
 

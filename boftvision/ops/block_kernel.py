@@ -77,8 +77,8 @@ class GroupedProduct(torch.autograd.Function):
     """``x @ blockdiag(blocks)`` on CPU: forward and input gradient as oneDNN grouped convolutions
     (weights Bᵀ and B), the blocks' gradient ``dB_n = x_nᵀ dy_n`` as one batched GEMM on strided views.
     All three read the activations in place. Forward + backward on 2048 × 1024 fp32 tokens, a 2-core x86
-    CPU (``python benchmarks/bench_ops.py --iters 40``, two runs): 4.8 ms against the einsum's 7.2–7.6
-    (64-wide blocks), 4.2–4.5 against 5.9–6.0 (32-wide); 16-wide blocks measured 7.5 against 6.7 in an
+    CPU (``python benchmarks/bench_ops.py --iters 40``, four runs): 4.8–5.7 ms against the einsum's 7.2–8.1
+    (64-wide blocks), 4.2–5.0 against 5.9–7.1 (32-wide); 16-wide blocks measured 7.5 against 6.7 in an
     alternating run of the two, so they keep the einsum."""
 
     @staticmethod

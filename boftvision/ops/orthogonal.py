@@ -130,7 +130,7 @@ def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Te
     segments = n // group
     # (rows, s, e, j, t) → (s, j, rows, e, t): one batched product over the N blocks, and back; the copies
     # move whole b/2-chunks (see permute_copy): 8-wide blocks, factor 0, forward + backward on 2048 × 1024
-    # fp32 tokens: 7.5–8.0 ms against the einsum's 12.1–12.9 (a 2-core x86 CPU, bench_ops.py --iters 40)
+    # fp32 tokens: 7.5–11.7 ms against the einsum's 12.1–14.7 (a 2-core x86 CPU, bench_ops.py --iters 40)
     xv = PermuteCopy.apply(x, (rows, segments, 2, group, half), (1, 3, 0, 2, 4)).reshape(n, rows, b)
     y = PermuteCopy.apply(torch.bmm(xv, blocks), (segments, group, rows, 2, half), (2, 0, 3, 1, 4))
     return y.reshape(*lead, n * b)
