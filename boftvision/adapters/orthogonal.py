@@ -249,39 +249,34 @@ class OrthogonalAdapter(Adapter):
         if self.output_side:
             return self.rotate_outputs(base, x, operand, quantized)
         x = self.rotate(x, operand)  # PEFT's order: rotate, base layer, scale without the bias
-        s = self.scale()
-        if s is None:
+        if self.scale() is None:
             return base(x)
         if quantized:
             y = base(x)
-            bias = None if base.bias is None else base.bias.to(y.dtype)
-            y = y if bias is None else y - bias
-        else:  # the product without its bias, which the scaling pass adds: one pass over y fewer
-            y = F.linear(x, self.shape.weight(base).to(dtype))
-            bias = None if base.bias is None else base.bias.to(y.dtype)
+            return self.scale_and_shift(y if base.bias is None else y - base.bias.to(y.dtype), base)
+        # the product without its bias, which the scaling pass adds: one pass over y fewer
+        return self.scale_and_shift(F.linear(x, self.shape.weight(base).to(dtype)), base)
+
+    def scale_and_shift(self, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """``s ⊙ y + bias`` over y's last axis for the layer's product y taken without its bias: one pass."""
+        s, bias = self.scale(), None if base.bias is None else base.bias.to(y.dtype)
+        if s is None:
+            return y if bias is None else y + bias
         return scale_shift(y, s.reshape(-1).to(y.dtype), bias)
 
     def rotate_outputs(self, base: nn.Module, x: torch.Tensor, operand: torch.Tensor,
                        quantized: bool = False) -> torch.Tensor:
         """Output side on the activations: ``s ⊙ ((x W0ᵀ) Rᵀ) + bias`` (channels last for the rotation).
         A float linear layer's product is taken without its bias, which the scaling pass adds."""
-        s = self.scale()
         if not (quantized or self.shape.is_conv):
-            z = self.rotate(F.linear(x, self.shape.weight(base).to(x.dtype)), operand, transpose=True)
-            bias = None if base.bias is None else base.bias.to(z.dtype)
-            if s is None:
-                return z if bias is None else z + bias
-            return scale_shift(z, s.reshape(-1).to(z.dtype), bias)
+            return self.scale_and_shift(self.rotate(F.linear(x, self.shape.weight(base).to(x.dtype)), operand,
+                                                    transpose=True), base)
         y = base(x)
         conv = y.dim() > 2 and self.shape.is_conv
         if conv:
             y = y.movedim(1, -1)
-        bias = None if base.bias is None else base.bias.to(y.dtype)
-        z = self.rotate(y if bias is None else y - bias, operand, transpose=True)
-        if s is not None:
-            z = z * s.reshape(-1).to(z.dtype)
-        if bias is not None:
-            z = z + bias
+        z = self.rotate(y if base.bias is None else y - base.bias.to(y.dtype), operand, transpose=True)
+        z = self.scale_and_shift(z, base)
         return z.movedim(-1, 1) if conv else z
 
     @torch.no_grad()
