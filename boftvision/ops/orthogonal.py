@@ -123,14 +123,15 @@ def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int) -> torch.Te
     if factor == 0 and b >= 16:  # the einsum's own copies are as fast here (2048 × 1024 fp32, a 2-core x86 CPU)
         y = torch.einsum("...nk,nkc->...nc", x.reshape(*lead, n, b), blocks)
         return y.reshape(*lead, n * b)
-    if factor == 0:  # (rows, n, b) → (n, rows, b), as below
+    if factor == 0:  # (rows, n, b) → (n, rows, b), one batched product, and back (the copies as below):
+        # 8-wide blocks, forward + backward on 2048 × 1024 fp32 tokens: 7.5–11.7 ms against the einsum's
+        # 12.1–14.7 (a 2-core x86 CPU, benchmarks/bench_ops.py --iters 40)
         y = torch.bmm(PermuteCopy.apply(x, (rows, n, b), (1, 0, 2)), blocks)
         return PermuteCopy.apply(y, (n, rows, b), (1, 0, 2)).reshape(*lead, n * b)
     group, half = 2 ** factor, b // 2
     segments = n // group
     # (rows, s, e, j, t) → (s, j, rows, e, t): one batched product over the N blocks, and back; the copies
-    # move whole b/2-chunks (see permute_copy): 8-wide blocks, factor 0, forward + backward on 2048 × 1024
-    # fp32 tokens: 7.5–11.7 ms against the einsum's 12.1–14.7 (a 2-core x86 CPU, bench_ops.py --iters 40)
+    # move whole b/2-chunks (see permute_copy), faster than the einsum's element copies
     xv = PermuteCopy.apply(x, (rows, segments, 2, group, half), (1, 3, 0, 2, 4)).reshape(n, rows, b)
     y = PermuteCopy.apply(torch.bmm(xv, blocks), (segments, group, rows, 2, half), (2, 0, 3, 1, 4))
     return y.reshape(*lead, n * b)
