@@ -5,7 +5,8 @@ forward alone — each as the plain einsum and as the layers run it (``ops.block
 oneDNN grouped convolutions on CPU for blocks ≥ 32 wide; ``ops.orthogonal.apply_factor``: chunk copies
 around one batched product for narrower blocks) — and the permuted copy that moves 4-float chunks as
 16-byte elements against a plain permute; also a dense product as a oneDNN convolution, the batched
-rotation operands of four layers, and the output scale's two forms. Every piece runs once per round,
+rotation operands of four layers and their Cayley step (closed-form backward against autograd through a
+solve), and the output scale's two forms. Every piece runs once per round,
 ``--iters`` rounds, and reports its fastest: the machine's drifts reach all pieces alike. These are the
 measurements behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
 
@@ -89,7 +90,13 @@ def main() -> None:
         }
     raw = 0.1 * torch.randn(full_m, 4 * d // b, b, b)  # four layers' full butterflies, as one batch
     s_, bias = torch.randn(d), torch.randn(d)
+    eye = torch.eye(b)
     rows |= {
+        f"Cayley transform of {raw.numel() // b**2} {b}x{b} blocks, forward + backward (closed-form backward)":
+            forward_backward(lambda r: cayley(skew_from_square(r)), raw),
+        f"Cayley transform of {raw.numel() // b**2} {b}x{b} blocks, forward + backward (autograd through a solve)":
+            forward_backward(lambda r: torch.linalg.solve(eye + skew_from_square(r), eye - skew_from_square(r),
+                                                          left=False), raw),
         f"rotation operands of 4 layers (m={full_m}, b=8), forward + backward": forward_backward(
             lambda r: torch.cat([o.reshape(-1) for o in two_product_operands(cayley(skew_from_square(r)))]), raw),
         "scale and bias, forward + backward (ScaleShift)": forward_backward(scale_shift, x, s_, bias),

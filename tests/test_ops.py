@@ -82,6 +82,35 @@ def test_cayley_orthogonal_identity_and_peft_convention():
     torch.testing.assert_close(r, BOFTLayer.cayley_batch(None, params))
 
 
+def test_cayley_gradients_equal_autograd_through_the_solve():
+    """The closed-form backward (from R alone) equals autograd through PEFT's solve, for gradients of the
+    raw parameters and for a second derivative; an expanded (stride-0) incoming gradient too."""
+    torch.manual_seed(0)
+    params = (0.5 * torch.randn(2, 6, 8, 8, dtype=torch.float64)).requires_grad_(True)
+    grad = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+
+    def reference(p):
+        q, eye = skew_from_square(p), torch.eye(8, dtype=p.dtype)
+        return torch.linalg.solve(eye + q, eye - q, left=False)
+
+    def ours(p):  # cayley() casts to fp32; the fp64 check goes through the same Function
+        from boftvision.ops.orthogonal import Cayley
+
+        return Cayley.apply(skew_from_square(p))
+
+    torch.testing.assert_close(ours(params), reference(params))
+    for f in (ours, reference):
+        first = torch.autograd.grad(f(params), params, grad, create_graph=True)[0]
+        second = torch.autograd.grad((first ** 2).sum(), params)[0]
+        if f is ours:
+            got = (first, second)
+        else:
+            torch.testing.assert_close(got[0], first)
+            torch.testing.assert_close(got[1], second)
+    summed = torch.autograd.grad(ours(params).sum(), params)[0]
+    torch.testing.assert_close(summed, torch.autograd.grad(reference(params).sum(), params)[0])
+
+
 def test_neumann_matches_peft_and_approximates_the_transpose():
     torch.manual_seed(0)
     vec = 0.05 * torch.randn(6, 28)

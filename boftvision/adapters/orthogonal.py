@@ -340,7 +340,8 @@ class RotationOperands(torch.autograd.Function):
                                "forward and the backward that needs it; step after backward")
         needed = ctx.needs_input_grad[1:]
         wanted = [leaf for leaf in ctx.leaves if leaf.requires_grad]
-        grads = iter(torch.autograd.grad(ctx.result, wanted, grad, retain_graph=True))
+        # contiguous: an expanded gradient would send the batched products' backward to a slow path
+        grads = iter(torch.autograd.grad(ctx.result, wanted, grad.contiguous(), retain_graph=True))
         return (None, *[next(grads) if need else None for need in needed])
 
 
