@@ -4,9 +4,13 @@ One step = forward + backward (+ AdamW step on the adapter parameters). The inpu
 the frozen base also back-propagates through every layer (what a frozen layer costs inside a network).
 Also: a merged model's forward against the base's (must cost the same), and the time to merge.
 Every row's step runs once per round, rounds repeated ``--iters`` times, and each row reports its
-fastest step: the machine's drifts reach all rows alike, and ratios are within one run.
+fastest step: the machine's drifts reach all rows alike, and ratios are within one run. Rows in one
+process share the allocator's heap and the caches, which moves their ratios (on a 2-core x86 CPU the
+full butterfly's by up to 0.15); ``--isolate`` times each row in a process of its own, interleaved with
+the frozen base there — what one model training alone sees.
 
     python benchmarks/bench_layers.py                          # CPU, small sizes
+    python benchmarks/bench_layers.py --widths 1024 --no-peft --isolate
     python benchmarks/bench_layers.py --device cuda --dtype bf16 --widths 1024 4096 --tokens 8192
 
 PEFT's BOFT silently runs with one butterfly factor when its CUDA extension does not build (always on
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
 import time
 import warnings
@@ -164,6 +169,9 @@ def main() -> None:
                              "label (e.g. 'ours BOFT full b=8'): where a step's time goes")
     parser.add_argument("--side", default="auto", choices=["auto", "input", "weight"],
                         help="pin the rotation side of our OFT/BOFT (default: chosen per layer by cost)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="time each row in its own process with the frozen base (no inference rows)")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # --isolate's child: exactly this row and the frozen base
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], args.device
     OrthogonalAdapter.rotation_side = args.side
@@ -200,16 +208,21 @@ def main() -> None:
                 candidates.append(as_run)
                 if k.startswith("BOFT"):
                     candidates.append((f"PEFT {k} true m", lambda cfg=cfg: peft_model(base, cfg)))
-        models = {label: build().to(device) for label, build in candidates
-                  if label == "frozen base" or not args.rows or any(r in label for r in args.rows)}
+        candidates = [(label, build) for label, build in candidates if label == "frozen base" or (
+            label == args.only if args.only else not args.rows or any(r in label for r in args.rows))]
+        if args.isolate:
+            isolated(args, width, [label for label, _ in candidates])
+            continue
+        models = {label: build().to(device) for label, build in candidates}
         # a merged adapter's inference costs the base's
         merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets, width))
         start = time.perf_counter()
         bv.merge_adapter(merged)
         merge_ms = (time.perf_counter() - start) * 1000
         steps = {label: make_step(model, x) for label, model in models.items()}
-        steps["base forward (inference)"] = make_step(base, x, train=False)
-        steps[f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)"] = make_step(merged, x, train=False)
+        if not args.only:
+            steps["base forward (inference)"] = make_step(base, x, train=False)
+            steps[f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)"] = make_step(merged, x, train=False)
         timed = time_interleaved(steps, device, args.iters, args.warmup)
         frozen = timed["frozen base"][0]
         rows = [(label, ms, saved_mib(models[label], x) if label in models else float("nan"), peak)
@@ -224,6 +237,20 @@ def main() -> None:
                     steps[args.profile]()
             print(f"\n{args.profile}, width {width}, 3 steps:")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def isolated(args, width: int, labels: list[str]) -> None:
+    """``--isolate``: each row's step timed in a child process of its own together with the frozen base
+    (interleaved there); its ratio is to that process's frozen base, whose time is the first row."""
+    forwarded = ["--device", args.device, "--dtype", args.dtype, "--widths", str(width), "--tokens", str(args.tokens),
+                 "--layers", str(args.layers), "--iters", str(args.iters), "--warmup", str(args.warmup),
+                 "--side", args.side]
+    for i, label in enumerate(label for label in labels if label != "frozen base"):
+        run = subprocess.run([sys.executable, __file__, *forwarded, "--only", label], capture_output=True, text=True,
+                             check=True)
+        for line in run.stdout.splitlines():
+            if line.startswith(f"| {width} | {label} |") or (i == 0 and line.startswith(f"| {width} | frozen base |")):
+                print(line, flush=True)
 
 
 if __name__ == "__main__":
