@@ -130,3 +130,31 @@ def test_unsupported_peft_feature_is_refused(tmp_path, data):
     reference.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         bv.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("case", ["lora", "vblora"])
+def test_training_gradients_match_peft_additive(tmp_path, data, case):
+    """LoRA and VB-LoRA in training (the branch and the sum as one addmm here): the inputs' gradients and
+    every adapter parameter's gradient equal PEFT's."""
+    base, inputs = data
+    reference = peft_model(base, CASES[case])
+    randomise_vblora_logits(reference)
+    reference.save_pretrained(tmp_path)
+    ours = bv.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
+    grads = []
+    for model in (reference, ours):
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        sum(o.square().sum() for o in model(*leaves)).backward()
+        grads.append(([t.grad for t in leaves], {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_inputs, ref_params), (our_inputs, our_params) = grads
+    for got, want in zip(our_inputs, ref_inputs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    def key(name):  # one spelling for both: "lin0.lora_A.weight", "vector_bank"
+        name = name.removeprefix("base_model.model.").replace("adapters.default.", "").replace(".default", "")
+        return "vector_bank" if "vector_bank" in name else name
+
+    assert {key(n) for n in our_params} == {key(n) for n in ref_params}
+    for name, grad in our_params.items():
+        torch.testing.assert_close(grad, ref_params[next(n for n in ref_params if key(n) == key(name))],
+                                   atol=1e-5, rtol=1e-5)

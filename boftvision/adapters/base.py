@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
@@ -75,6 +76,16 @@ def conv_like(base: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.T
     """Run ``x`` through a conv with ``base``'s stride/padding (mode included)/dilation and another
     kernel: the base layer's own path, so the unmerged branch equals the merged weight's."""
     return base._conv_forward(x, weight, None)
+
+
+def add_low_rank(out: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 scaling: float = 1.0) -> torch.Tensor:
+    """``out + scaling · (h aᵀ) bᵀ`` for a linear layer's output ``out`` (..., n), all in one dtype: the
+    second product and the sum as one ``addmm``, so the sum is written once — no (..., n) product tensor
+    and no separate pass to add it (the frozen output's gradient passes through unchanged)."""
+    low = F.linear(h, a)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(), alpha=scaling)
+    return flat.view(out.shape)
 
 
 SHARED_PREFIX = "boftvision_shared_"  # parameters every layer of one adapter shares, on the adapted model

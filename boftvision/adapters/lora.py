@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoRAConfig
-from .base import AdditiveAdapter, LayerShape, conv_like
+from .base import AdditiveAdapter, LayerShape, add_low_rank, conv_like
 
 
 class LoRA(AdditiveAdapter):
@@ -40,9 +40,8 @@ class LoRA(AdditiveAdapter):
         h = self.dropout(x).to(out.dtype)
         if self.shape.is_conv:
             delta = F.conv2d(conv_like(base, a, h), b)
-        else:
-            delta = F.linear(F.linear(h, a), b)
-        return torch.add(out, delta, alpha=self.scaling)
+            return torch.add(out, delta, alpha=self.scaling)
+        return add_low_rank(out, h, a, b, self.scaling)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """``(alpha/r)·B A`` in the base weight's shape, fp32."""

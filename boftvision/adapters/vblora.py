@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..ops.vector_bank import lora_factors, topk_compress, topk_expand
-from .base import AdditiveAdapter, LayerShape, SharedParameters, conv_like
+from .base import AdditiveAdapter, LayerShape, SharedParameters, add_low_rank, conv_like
 
 BANK_KEY = "base_model.vblora_vector_bank"  # PEFT's file key of the shared bank
 TOPK_INDICES, TOPK_WEIGHTS = "_topk_indices", "_topk_weights"  # suffixes of save_only_topk_weights files
@@ -102,9 +102,10 @@ class VBLoRA(AdditiveAdapter):
         if self.shape.is_conv:
             kernel = a.reshape(a.shape[0], *base.weight.shape[1:])
             delta = F.conv2d(conv_like(base, kernel, h), b[:, :, None, None])
-        else:
-            delta = F.linear(F.linear(h, a), b)
-        return out + delta.to(out.dtype)
+            return out + delta.to(out.dtype)
+        if h.dtype == out.dtype:  # else (a low-precision model without autocast) the branch keeps a's dtype
+            return add_low_rank(out, h, a, b)
+        return out + F.linear(F.linear(h, a), b).to(out.dtype)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         a, b = self.factors()
