@@ -193,11 +193,11 @@ def collapse_butterfly(blocks: torch.Tensor) -> torch.Tensor:
     block product ``apply_factor(x, collapsed, 0)`` — one pass over x instead of m passes and 2(m−1)
     reshapes.
 
-    Built factor by factor on the blocks alone, O(d·b·B) in all, no d-wide tensor: with ``C = B_{j−1}⋯B_0``
-    block-diagonal (blocks W wide), ``B_j C`` has 2W-wide blocks; in one of them, view the rows and the
-    columns of each half as (half e, chunk c, element t): row (e, c, t) is row (e, t) of B_j's block c
-    times the rows (c, t'') of C's two W-blocks (the columns of half e' from C's block e') — one batched
-    product per factor.
+    Built factor by factor on the blocks alone (O(d·b·B) work, no d-wide tensor). ``C = B_{j−1}⋯B_0`` is
+    block-diagonal in W-wide blocks and ``B_j C`` in 2W-wide ones. Index a 2W-wide segment's coordinates
+    (e, c, t): half e, b/2-chunk c of that half, element t. B_j's block c couples chunk c of both halves
+    and C's block e' covers half e', so row (e, c, t) of ``B_j C`` is row (e, t) of B_j's block c times
+    rows (c, ·) of C's two blocks, one per column half e' — one batched product (an einsum) per factor.
     """
     m, n, b, _ = blocks.shape
     half = b // 2
