@@ -154,9 +154,11 @@ def test_lpips_with_backbone_weights_present(tmp_path, monkeypatch):
 
 def test_shape_scores_of_the_bundled_subject_adapter(tmp_path):
     """On the embedded pipeline (metrics auto = shapes): the bundled DreamBooth adapter draws the subject
-    where the base model never does, and the base model draws its colour × shape prompts."""
+    where the base model never does, and the base model draws its colour × shape prompts (12 sampling
+    steps instead of 25 for the suite's time: scores 0.75 / 0.0 / 0.92 there, 0.75 / 0.0 / 0.87 at 25)."""
     results = eval_dreambooth.main(["--adapter_path", str(EMBEDDED_ADAPTER), "--num_seeds", "4",
-                                    "--guidance_scale", "4", "--compare_base", "--output_dir", str(tmp_path)])
+                                    "--guidance_scale", "4", "--num_inference_steps", "12", "--compare_base",
+                                    "--output_dir", str(tmp_path)])
     adapter, base = results["adapter"], results["base"]
     assert base["subject fidelity"]["mean"] == 0.0
     assert adapter["subject fidelity"]["mean"] >= 0.5
