@@ -98,15 +98,13 @@ def test_cayley_gradients_equal_autograd_through_the_solve():
 
         return Cayley.apply(skew_from_square(p))
 
-    torch.testing.assert_close(ours(params), reference(params))
-    for f in (ours, reference):
+    def derivatives(f):  # the gradient for ``grad``, and the gradient of that gradient's squared norm
         first = torch.autograd.grad(f(params), params, grad, create_graph=True)[0]
-        second = torch.autograd.grad((first ** 2).sum(), params)[0]
-        if f is ours:
-            got = (first, second)
-        else:
-            torch.testing.assert_close(got[0], first)
-            torch.testing.assert_close(got[1], second)
+        return first, torch.autograd.grad((first ** 2).sum(), params)[0]
+
+    torch.testing.assert_close(ours(params), reference(params))
+    for got, want in zip(derivatives(ours), derivatives(reference)):
+        torch.testing.assert_close(got, want)
     summed = torch.autograd.grad(ours(params).sum(), params)[0]
     torch.testing.assert_close(summed, torch.autograd.grad(reference(params).sum(), params)[0])
 
