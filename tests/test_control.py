@@ -132,6 +132,7 @@ def test_bundled_control_adapter_beats_the_base_model(tmp_path):
     assert image[0].size == (32, 32)
 
 
+@pytest.mark.slow  # the default suite runs the script in two processes in the DDP-against-FSDP test below
 def test_control_accelerate_launch_two_processes(setup, tmp_path):
     accelerate_launch("train_controlnet_boft.py", args(
         setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
@@ -166,13 +167,14 @@ def test_control_lora_output_loads_in_diffusers(setup, tmp_path):
 
 
 def control_run(setup, out, *engine):
-    """Three steps of the control script in two processes (dropout off, AdamW ε = 1: float noise in
-    near-zero gradients is not turned into ±lr steps); the saved UNet adapter and control encoder."""
+    """Three steps of the control script in two processes, a checkpoint at step 2 (dropout off, AdamW
+    ε = 1: float noise in near-zero gradients is not turned into ±lr steps); the saved UNet adapter and
+    control encoder."""
     from safetensors.torch import load_file
 
     accelerate_launch("train_controlnet_boft.py", args(
         setup, out, "--max_train_steps", "3", "--train_batch_size", "2", "--boft_dropout", "0",
-        "--adam_epsilon", "1", "--learning_rate", "0.05"), *engine)
+        "--adam_epsilon", "1", "--learning_rate", "0.05", "--checkpointing_steps", "2"), *engine)
     files = [out / "unet" / "adapter_model.safetensors", out / "control_encoder.safetensors"]
     return {f.name: load_file(f) for f in files}, json.loads((out / "results.json").read_text())
 
@@ -189,7 +191,10 @@ def test_control_script_under_accelerates_fsdp_equals_ddp(setup, control_ddp, tm
     from the shards equal DDP's."""
     expected, expected_result = control_ddp
     tensors, result = control_run(setup, tmp_path / engine, engine, "BasicTransformerBlock,ResnetBlock2D")
-    assert result["processes"] == 2 and result["losses"] == pytest.approx(expected_result["losses"], abs=1e-5)
+    assert result["processes"] == expected_result["processes"] == 2
+    assert result["losses"] == pytest.approx(expected_result["losses"], abs=1e-5)
+    assert result["steps"] == expected_result["steps"] == 3
+    assert result["checkpoints"] == expected_result["checkpoints"] == ["checkpoint-2"]
     for name, reference in expected.items():
         assert tensors[name].keys() == reference.keys()
         assert all((tensors[name][k] - v).abs().max() <= 1e-5 for k, v in reference.items()), name

@@ -197,6 +197,7 @@ def test_embedded_tokenizer_holds_every_bundled_caption():
     assert [str(w.message) for w in caught] == []
 
 
+@pytest.mark.slow  # the default suite runs the script in two processes in test_sharding (DDP against FSDP)
 def test_accelerate_launch_two_processes(setup, tmp_path):
     accelerate_launch("train_dreambooth_boft.py", args(
         setup, tmp_path, "--max_train_steps", "4", "--train_batch_size", "1", "--checkpointing_steps", "2"))
