@@ -214,13 +214,12 @@ def main() -> None:
             isolated(args, width, [label for label, _ in candidates])
             continue
         models = {label: build().to(device) for label, build in candidates}
-        # a merged adapter's inference costs the base's
-        merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets, width))
-        start = time.perf_counter()
-        bv.merge_adapter(merged)
-        merge_ms = (time.perf_counter() - start) * 1000
         steps = {label: make_step(model, x) for label, model in models.items()}
-        if not args.only:
+        if not args.only:  # a merged adapter's inference costs the base's
+            merged = bv.add_adapter(copy.deepcopy(base), OUR_CONFIGS["BOFT m=2 b=8"](targets, width))
+            start = time.perf_counter()
+            bv.merge_adapter(merged)
+            merge_ms = (time.perf_counter() - start) * 1000
             steps["base forward (inference)"] = make_step(base, x, train=False)
             steps[f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)"] = make_step(merged, x, train=False)
         timed = time_interleaved(steps, device, args.iters, args.warmup)

@@ -51,6 +51,12 @@ def einsum_product(v: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...nk,nkc->...nc", v.reshape(*v.shape[:-1], n, b), blocks).reshape(v.shape)
 
 
+def solved_cayley(q: torch.Tensor) -> torch.Tensor:
+    """``(I − Q)(I + Q)⁻¹`` through ``torch.linalg.solve`` (PEFT's form; autograd differentiates the solve)."""
+    eye = torch.eye(q.shape[-1])
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
 def forward_backward(fn, *inputs):
     def run():
         leaves = [t.detach().requires_grad_(True) for t in inputs]
@@ -90,13 +96,11 @@ def main() -> None:
         }
     raw = 0.1 * torch.randn(full_m, 4 * d // b, b, b)  # four layers' full butterflies, as one batch
     s_, bias = torch.randn(d), torch.randn(d)
-    eye = torch.eye(b)
     rows |= {
         f"Cayley transform of {raw.numel() // b**2} {b}x{b} blocks, forward + backward (closed-form backward)":
             forward_backward(lambda r: cayley(skew_from_square(r)), raw),
         f"Cayley transform of {raw.numel() // b**2} {b}x{b} blocks, forward + backward (autograd through a solve)":
-            forward_backward(lambda r: torch.linalg.solve(eye + skew_from_square(r), eye - skew_from_square(r),
-                                                          left=False), raw),
+            forward_backward(lambda r: solved_cayley(skew_from_square(r)), raw),
         f"rotation operands of 4 layers (m={full_m}, b=8), forward + backward": forward_backward(
             lambda r: torch.cat([o.reshape(-1) for o in two_product_operands(cayley(skew_from_square(r)))]), raw),
         "scale and bias, forward + backward (ScaleShift)": forward_backward(scale_shift, x, s_, bias),

@@ -57,7 +57,7 @@ class Cayley(torch.autograd.Function):
 
     The backward needs R alone: ``A⁻¹ = (R + I)/2``, so ``dQ = −2 A⁻ᵀ dR A⁻ᵀ = −½ (R + I)ᵀ dR (R + I)ᵀ``,
     two batched products where autograd through a solve runs a second batched LU solve (4096 8×8 blocks with
-    their skew step, forward + backward: 4.2 against 6.5 ms on a 2-core x86 CPU,
+    their skew step, forward + backward: 3.9 against 5.6–5.7 ms on a 2-core x86 CPU,
     ``python benchmarks/bench_ops.py --iters 40``). Differentiable twice.
     """
 
