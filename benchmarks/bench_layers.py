@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import subprocess
 import sys
 import time
@@ -109,27 +110,31 @@ def make_step(model, x, train=True):
 
 def time_interleaved(steps: dict, device: str, iters: int, warmup: int) -> dict:
     """Minimum step time (ms) of each entry over ``iters`` rounds, one step of every entry per round, so
-    the machine's slow drifts (other load, clocks, heat) reach every row alike; and, on CUDA, the memory
-    a step allocates above what was resident before it (GiB; NaN elsewhere)."""
+    the machine's slow drifts (other load, clocks, heat) reach every row alike; on CUDA, the memory a step
+    allocates above what was resident before it (GiB; NaN elsewhere); and the process's minor page faults
+    per step: memory the allocator gave back to the OS and the step touches afresh (on CPU, glibc returns
+    freed memory above a threshold at every step, so a step that holds more pays the faults each time)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {label: [] for label in steps}
     peaks = dict.fromkeys(steps, float("nan"))
+    faults = dict.fromkeys(steps, 0)
     for _ in range(iters):
         for label, step in steps.items():
             if device == "cuda":
                 sync()
                 resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
+            faulted, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             step()
             sync()
             times[label].append(time.perf_counter() - start)
+            faults[label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
             if device == "cuda":
                 peaks[label] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-    return {label: (min(t) * 1000, peaks[label]) for label, t in times.items()}
+    return {label: (min(t) * 1000, peaks[label], faults[label] / iters) for label, t in times.items()}
 
 
 def saved_mib(model, x) -> float:
@@ -180,8 +185,8 @@ def main() -> None:
 
     print(f"device={device} dtype={args.dtype} tokens={args.tokens} layers={args.layers} torch={torch.__version__} "
           f"rotation side={args.side}")
-    print("| width | model | step ms | × frozen | saved for backward MiB | CUDA step GiB |")
-    print("|---|---|---|---|---|---|")
+    print("| width | model | step ms | × frozen | saved for backward MiB | CUDA step GiB | page faults / step |")
+    print("|---|---|---|---|---|---|---|")
     for width in args.widths:
         targets = [str(i) for i in range(args.layers)]
         base = stack(width, args.layers).to(device, dtype).requires_grad_(False)
@@ -224,10 +229,9 @@ def main() -> None:
             steps[f"ours BOFT merged forward (merge took {merge_ms:.1f} ms)"] = make_step(merged, x, train=False)
         timed = time_interleaved(steps, device, args.iters, args.warmup)
         frozen = timed["frozen base"][0]
-        rows = [(label, ms, saved_mib(models[label], x) if label in models else float("nan"), peak)
-                for label, (ms, peak) in timed.items()]
-        for label, ms, saved, peak in rows:
-            print(f"| {width} | {label} | {ms:.2f} | {ms / frozen:.2f} | {saved:.0f} | {peak:.2f} |")
+        for label, (ms, peak, faults) in timed.items():
+            saved = saved_mib(models[label], x) if label in models else float("nan")
+            print(f"| {width} | {label} | {ms:.2f} | {ms / frozen:.2f} | {saved:.0f} | {peak:.2f} | {faults:.0f} |")
         if args.profile in steps:
             from torch.profiler import profile
 

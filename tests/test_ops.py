@@ -225,6 +225,28 @@ def test_permute_copy_moves_chunks_bitwise():
     assert torch.equal(got, want)
 
 
+def test_scaled_linear_equals_its_plain_form(monkeypatch):
+    """scaled_linear equals F.linear(x, W) ⊙ s + bias with the same gradients: a frozen weight (the folded
+    backward; 3-D non-contiguous input, rows in several chunks, with and without a bias) and a trained one."""
+    from boftvision.ops import orthogonal
+    from boftvision.ops.orthogonal import scaled_linear
+
+    monkeypatch.setattr(orthogonal, "SCALE_CHUNK", 24)  # 3 rows of 8 per chunk: 15 rows in 5 chunks
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, dtype=torch.float64).transpose(1, 2).requires_grad_(True)  # (3, 5, 8), strided
+    s = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    for trained in (False, True):
+        weight = torch.randn(8, 8, dtype=torch.float64, requires_grad=trained)
+        for bias in (None, torch.randn(8, dtype=torch.float64, requires_grad=True)):
+            inputs = [x, s] + ([] if bias is None else [bias]) + ([weight] if trained else [])
+            ours = scaled_linear(x, weight, s, bias)
+            reference = torch.nn.functional.linear(x, weight) * s + (0 if bias is None else bias)
+            torch.testing.assert_close(ours, reference)
+            grad = torch.randn_like(ours)
+            for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+                torch.testing.assert_close(a, b)
+
+
 def test_scale_shift_equals_its_plain_form():
     """ScaleShift equals y ⊙ s + bias with the same gradients, with and without a bias."""
     from boftvision.ops.orthogonal import scale_shift

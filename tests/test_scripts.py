@@ -33,7 +33,7 @@ def test_layer_benchmark_prints_ratios():
     labels = [line.split("|")[2].strip() for line in lines]
     assert "frozen base" in labels and "ours BOFT m=2 b=8" in labels and "PEFT BOFT m=2 b=8 true m" in labels
     assert all(float(line.split("|")[3]) > 0 for line in lines)  # step ms
-    assert "ScaleShiftBackward" in out.split("ours BOFT m=2 b=8, width 64, 3 steps:")[1]  # the row's profile
+    assert "ScaledLinearBackward" in out.split("ours BOFT m=2 b=8, width 64, 3 steps:")[1]  # the row's profile
 
 
 @pytest.mark.slow  # a child process per row (~15 s); `make test-all`

@@ -31,6 +31,7 @@ from ..ops.orthogonal import (
     multiplicative_dropout_mask,
     rotate_weight,
     scale_shift,
+    scaled_linear,
     two_product_operands,
     two_product_split,
 )
@@ -254,8 +255,10 @@ class OrthogonalAdapter(Adapter):
         if quantized:
             y = base(x)
             return self.scale_and_shift(y if base.bias is None else y - base.bias.to(y.dtype), base)
-        # the product without its bias, which the scaling pass adds: one pass over y fewer
-        return self.scale_and_shift(F.linear(x, self.shape.weight(base).to(dtype)), base)
+        # the product and the scaling in one function: the bias added in the scaling pass, the scale folded
+        # into the input gradient's product
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return scaled_linear(x, self.shape.weight(base).to(dtype), self.scale().reshape(-1).to(dtype), bias)
 
     def scale_and_shift(self, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """``s ⊙ y + bias`` over y's last axis for the layer's product y taken without its bias: one pass."""

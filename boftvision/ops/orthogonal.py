@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
@@ -323,14 +324,39 @@ def two_product_operands(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return collapse_butterfly(low), collapse_butterfly(torch.stack(groups))
 
 
-class ScaleShift(torch.autograd.Function):
-    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward; on CPU the
-    backward goes over the rows in cache-sized chunks, so the output gradient is read from memory once for
-    all three gradients (autograd's addcmul reads it, and y, once per gradient and writes y·grad in full).
-    On GPUs and in compiled graphs it is one chunk: a kernel launch per chunk would cost more there.
-    """
+SCALE_CHUNK = 1 << 18  # elements per chunk of scale_grads (1 MiB of fp32)
 
-    CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32)
+
+def scale_grads(grad: torch.Tensor, y: torch.Tensor | None, s: torch.Tensor, need_y: bool, need_s: bool,
+                need_bias: bool) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``y ⊙ s + bias`` (y (..., n); s, bias (n,)) for the output gradient ``grad``: y's (``grad ⊙ s``),
+    s's (``Σ grad ⊙ y`` over the rows) and the bias's (``Σ grad``), the sums at least in fp32. On CPU the rows go in
+    cache-sized chunks, so ``grad`` is read from memory once for all three (autograd's addcmul reads it, and y,
+    once per gradient and writes y·grad in full). On GPUs and in compiled graphs it is one chunk: a kernel launch
+    per chunk would cost more there."""
+    n, wide = s.shape[-1], torch.promote_types(s.dtype, torch.float32)
+    rows = grad.reshape(-1, n)
+    flat_y = y.reshape(-1, n) if need_s else None
+    grad_y = torch.empty(rows.shape, dtype=grad.dtype, device=grad.device) if need_y else None
+    grad_s = torch.zeros(n, dtype=wide, device=grad.device) if need_s else None
+    grad_bias = torch.zeros(n, dtype=wide, device=grad.device) if need_bias else None
+    chunked = grad.device.type == "cpu" and not torch.compiler.is_compiling()
+    step = max(1, SCALE_CHUNK // n) if chunked else max(1, rows.shape[0])
+    for start in range(0, rows.shape[0], step):
+        g = rows[start:start + step]
+        if need_y:
+            torch.mul(g, s, out=grad_y[start:start + step])
+        if need_s:
+            grad_s += (g * flat_y[start:start + step]).sum(0, dtype=wide)
+        if need_bias:
+            grad_bias += g.sum(0, dtype=wide)
+    return (None if grad_y is None else grad_y.view(grad.shape), None if grad_s is None else grad_s.to(s.dtype),
+            None if grad_bias is None else grad_bias.to(s.dtype))
+
+
+class ScaleShift(torch.autograd.Function):
+    """``y ⊙ s + bias`` (bias may be None) for y (..., n), s and bias (n,): one pass forward, the backward by
+    :func:`scale_grads`."""
 
     @staticmethod
     def forward(ctx, y, s, bias):
@@ -343,31 +369,47 @@ class ScaleShift(torch.autograd.Function):
     def backward(ctx, grad):
         y, s = ctx.saved_tensors
         need_y, need_s, need_bias = ctx.needs_input_grad
-        need_bias = need_bias and ctx.has_bias
-        n, wide = s.shape[-1], torch.promote_types(s.dtype, torch.float32)  # sums at least in fp32
-        rows = grad.reshape(-1, n)
-        flat_y = y.reshape(-1, n) if need_s else None
-        grad_y = torch.empty(rows.shape, dtype=grad.dtype, device=grad.device) if need_y else None
-        grad_s = torch.zeros(n, dtype=wide, device=grad.device) if need_s else None
-        grad_bias = torch.zeros(n, dtype=wide, device=grad.device) if need_bias else None
-        chunked = grad.device.type == "cpu" and not torch.compiler.is_compiling()
-        step = max(1, ScaleShift.CHUNK // n) if chunked else max(1, rows.shape[0])
-        for start in range(0, rows.shape[0], step):
-            g = rows[start:start + step]
-            if need_y:
-                torch.mul(g, s, out=grad_y[start:start + step])
-            if need_s:
-                grad_s += (g * flat_y[start:start + step]).sum(0, dtype=wide)
-            if need_bias:
-                grad_bias += g.sum(0, dtype=wide)
-        return (None if grad_y is None else grad_y.view(grad.shape),
-                None if grad_s is None else grad_s.to(s.dtype),
-                None if grad_bias is None else grad_bias.to(s.dtype))
+        return scale_grads(grad, y, s, need_y, need_s, need_bias and ctx.has_bias)
 
 
 def scale_shift(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``y ⊙ s + bias`` over the last axis (see :class:`ScaleShift`)."""
     return ScaleShift.apply(y, s, bias)
+
+
+class ScaledLinear(torch.autograd.Function):
+    """``(x Wᵀ) ⊙ s + bias`` for a frozen weight W (n, d): x (..., d), s and bias (n,).
+
+    What :class:`ScaleShift` after ``F.linear`` computes, with the scale folded into the input gradient's
+    product, ``dx = g (s ⊙ W)`` (a pass over the n×d weight), where the two write ``g ⊙ s`` (tokens×n) first
+    and multiply that. The product y is kept for s's gradient, as there. One tensor of the activations' size
+    fewer per layer and step: a BOFT step of four 1024-wide layers on 2048 tokens 6–24 ms faster on a 2-core
+    x86 CPU, with a third to a quarter of the page faults (in-process A/B, see docs/benchmarks.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, s, bias):
+        y = x.reshape(-1, x.shape[-1]) @ weight.T
+        ctx.save_for_backward(weight, s, y if ctx.needs_input_grad[2] else None)
+        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+        out = y * s if bias is None else torch.addcmul(bias, y, s)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weight, s, y = ctx.saved_tensors
+        need_x, _, need_s, need_bias = ctx.needs_input_grad
+        _, grad_s, grad_bias = scale_grads(grad, y, s, False, need_s, need_bias and ctx.has_bias)
+        grad_x = (grad.reshape(-1, s.shape[-1]) @ (weight * s[:, None])).view(ctx.x_shape) if need_x else None
+        return grad_x, None, grad_s, grad_bias
+
+
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight) ⊙ s + bias`` (see :class:`ScaledLinear`); the plain form when the weight trains."""
+    if weight.requires_grad:
+        return scale_shift(F.linear(x, weight), s, bias)
+    return ScaledLinear.apply(x, weight, s, bias)
 
 
 WIDE_DTYPES = {16: torch.complex128, 8: torch.float64, 4: torch.float32, 2: torch.float16}
@@ -437,3 +479,4 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ
         return high_product(product(x, low.transpose(-1, -2)), high.transpose(-1, -2))
     return product(high_product(x, high), low)
+
