@@ -6,7 +6,8 @@ oneDNN grouped convolutions on CPU for blocks ≥ 32 wide; ``ops.orthogonal.appl
 around one batched product for narrower blocks) — and the permuted copy that moves 4-float chunks as
 16-byte elements against a plain permute; also a dense product as a oneDNN convolution, the batched
 rotation operands of four layers and their Cayley step (closed-form backward against autograd through a
-solve), and the output scale's two forms. Every piece runs once per round,
+solve), the output scale's two forms, and the frozen product with the scale, the scale folded into the
+input gradient's product (``ScaledLinear``) or applied to the output gradient first. Every piece runs once per round,
 ``--iters`` rounds, and reports its fastest: the machine's drifts reach all pieces alike. These are the
 measurements behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
 
@@ -28,6 +29,7 @@ from boftvision.ops.orthogonal import (
     collapse_butterfly,
     permute_copy,
     scale_shift,
+    scaled_linear,
     skew_from_square,
     two_product_operands,
 )
@@ -105,6 +107,10 @@ def main() -> None:
             lambda r: torch.cat([o.reshape(-1) for o in two_product_operands(cayley(skew_from_square(r)))]), raw),
         "scale and bias, forward + backward (ScaleShift)": forward_backward(scale_shift, x, s_, bias),
         "scale and bias, forward + backward (autograd's addcmul)": forward_backward(torch.addcmul, bias, x, s_),
+        "frozen product, scale and bias, forward + backward (ScaledLinear)": forward_backward(
+            lambda v, s, shift: scaled_linear(v, weight, s, shift), x, s_, bias),
+        "frozen product, scale and bias, forward + backward (F.linear, then ScaleShift)": forward_backward(
+            lambda v, s, shift: scale_shift(F.linear(v, weight), s, shift), x, s_, bias),
         "permuted copy, b/2-chunks as 16-byte elements": lambda: permute_copy(x, chunks, (0, 2, 1, 3)),
         "permuted copy, plain permute": lambda: x.reshape(chunks).permute(0, 2, 1, 3).contiguous(),
     }

@@ -110,7 +110,7 @@ def test_ops_benchmark_times_every_piece():
     out = run("benchmarks/bench_ops.py", "--width", "128", "--tokens", "64", "--iters", "1")
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| piece")}
-    assert len(rows) == 21 and all(ms > 0 for ms in rows.values())
+    assert len(rows) == 23 and all(ms > 0 for ms in rows.values())
     einsum = [label for label in rows if label.endswith("(einsum)")]  # each timed both ways
     assert len(einsum) == 6 and all(label.replace("(einsum)", "(as run)") in rows for label in einsum)
 

@@ -382,9 +382,10 @@ class ScaledLinear(torch.autograd.Function):
 
     What :class:`ScaleShift` after ``F.linear`` computes, with the scale folded into the input gradient's
     product, ``dx = g (s ⊙ W)`` (a pass over the n×d weight), where the two write ``g ⊙ s`` (tokens×n) first
-    and multiply that. The product y is kept for s's gradient, as there. One tensor of the activations' size
-    fewer per layer and step: a BOFT step of four 1024-wide layers on 2048 tokens 6–24 ms faster on a 2-core
-    x86 CPU, with a third to a quarter of the page faults (in-process A/B, see docs/benchmarks.md).
+    and multiply that. The product y is kept for s's gradient, as there. The same cost warm in cache; in a step,
+    one fresh activation-sized tensor fewer per layer: a full-butterfly step of four 1024-wide layers on 2048
+    tokens 6–13 ms faster on a 2-core x86 CPU with glibc's default settings, half the page faults (see
+    docs/benchmarks.md).
     """
 
     @staticmethod
