@@ -480,4 +480,3 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ
         return high_product(product(x, low.transpose(-1, -2)), high.transpose(-1, -2))
     return product(high_product(x, high), low)
-
