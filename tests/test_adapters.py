@@ -475,12 +475,12 @@ def test_deep_butterflies_run_as_two_block_products(orientation, monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     from boftvision.ops import block_kernel
 
-    if block_kernel.ONEDNN:  # the fast path above went through the grouped products
-        grouped = block_kernel.GroupedProduct.apply
+    if block_kernel.ONEDNN:  # the fast path above went through the chained grouped products
+        chain = block_kernel.TwoProductChain.apply
         calls = []
-        monkeypatch.setattr(block_kernel.GroupedProduct, "apply", lambda *a: calls.append(1) or grouped(*a))
+        monkeypatch.setattr(block_kernel.TwoProductChain, "apply", lambda *a: calls.append(1) or chain(*a))
         run_both(fast)
-        assert len(calls) == 4  # two products in each of the two layers
+        assert len(calls) == 2  # both products of each of the two layers in one chain
     with torch.no_grad():
         expected = run_both(fast)
         bv.merge_adapter(fast)

@@ -82,3 +82,34 @@ def test_cpu_block_product_as_grouped_convolutions_equals_the_einsum():
         xx = x.to(blocks.dtype)
         assert not block_kernel.grouped_supported(xx, blocks)
         assert torch.equal(block_kernel.block_rotate(xx, blocks), apply_factor(xx, blocks, 0))
+
+
+def test_cpu_two_product_chain_equals_the_step_by_step_form(monkeypatch):
+    """A deeper butterfly's two products on CPU run as one chain over chunks of tokens (TwoProductChain):
+    outputs and every gradient equal apply_two_product with the einsum block product, both orientations,
+    inputs spanning several chunks (odd counts, one token, non-contiguous 3-D, 4-D), and with only some
+    gradients wanted."""
+    from boftvision.ops import block_kernel
+    from boftvision.ops.orthogonal import apply_two_product, cayley, skew_from_square, two_product_operands
+
+    if not block_kernel.ONEDNN:
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    for width, b, m in ((256, 8, 6), (512, 16, 5)):  # blocks 32 and 32 wide; 64 and 32 wide, two segments
+        monkeypatch.setattr(block_kernel, "CHAIN_CHUNK", 7 * width * 4)  # 7 tokens per chunk
+        low, high = two_product_operands(cayley(skew_from_square(0.2 * torch.randn(m, width // b, b, b))))
+        inputs = {"2-D": torch.randn(37, width), "one token": torch.randn(1, width),
+                  "3-D non-contiguous": torch.randn(3, width, 5).transpose(1, 2), "4-D": torch.randn(2, 3, 5, width)}
+        for (name, x), transpose in ((case, t) for case in inputs.items() for t in (False, True)):
+            assert block_kernel.grouped_supported(x, low) and block_kernel.grouped_supported(x, high)
+            grad = torch.randn(x.shape)
+            for wanted in ((True, True, True), (False, True, True), (True, False, False)):
+                results = []
+                for chained in (True, False):
+                    leaves = [t.detach().requires_grad_(w) for t, w in zip((x, low, high), wanted)]
+                    out = block_kernel.two_product_rotate(*leaves, m, b, transpose) if chained else \
+                        apply_two_product(*leaves, m, b, transpose=transpose)
+                    results.append((out, *torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad)))
+                for ours, ref in zip(*results):
+                    assert ours.shape == ref.shape
+                    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (width, name, transpose, wanted)

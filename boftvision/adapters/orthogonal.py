@@ -19,10 +19,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import BOFTConfig, OFTConfig
-from ..ops.block_kernel import block_rotate
+from ..ops.block_kernel import block_rotate, two_product_rotate
 from ..ops.orthogonal import (
     apply_dropout_mask,
-    apply_two_product,
     butterfly_apply,
     butterfly_span,
     check_butterfly_shape,
@@ -218,7 +217,7 @@ class OrthogonalAdapter(Adapter):
             n_low = self.width * low_width
             low = operand[:n_low].reshape(-1, low_width, low_width).to(x.dtype)
             high = operand[n_low:].reshape(-1, high_width, high_width).to(x.dtype)
-            return apply_two_product(x, low, high, m, b, transpose=transpose, product=block_rotate)
+            return two_product_rotate(x, low, high, m, b, transpose=transpose)
         if self.collapse or self.n_factors == 1:  # one block-diagonal matrix: the fused kernel on GPU
             blocks = operand if self.collapse else operand[0]
             return block_rotate(x, (blocks.transpose(-1, -2) if transpose else blocks).to(x.dtype))
