@@ -125,7 +125,7 @@ class TwoProductChain(torch.autograd.Function):
     blocks' gradient (x itself where the first product needs no permutation): the same tensors as the
     step-by-step form keeps, none recomputed. The backward goes over the same chunks, adding up the blocks'
     gradients. Equal to ``apply_two_product`` (tested); a full-butterfly step of four 1024-wide layers on
-    2048 tokens ~11 ms faster on a 2-core x86 CPU (see docs/benchmarks.md).
+    2048 tokens 2–10 ms faster (of ~240) on a 2-core x86 CPU, half the page faults (see docs/benchmarks.md).
     """
 
     @staticmethod
