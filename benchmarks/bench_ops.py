@@ -3,13 +3,14 @@ one GEMM of the layer; one block product (8-, 32- and 64-wide blocks) forward + 
 m = 2, b = 8 product (16-wide blocks); the full butterfly's two block products forward + backward and
 forward alone — each as the plain einsum and as the layers run it (``ops.block_kernel.block_rotate``:
 oneDNN grouped convolutions on CPU for blocks ≥ 32 wide; ``ops.orthogonal.apply_factor``: chunk copies
-around one batched product for narrower blocks) — and the permuted copy that moves 4-float chunks as
-16-byte elements against a plain permute; also a dense product as a oneDNN convolution, the batched
-rotation operands of four layers and their Cayley step (closed-form backward against autograd through a
-solve), the output scale's two forms, and the frozen product with the scale, the scale folded into the
-input gradient's product (``ScaledLinear``) or applied to the output gradient first. Every piece runs once per round,
-``--iters`` rounds, and reports its fastest: the machine's drifts reach all pieces alike. These are the
-measurements behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
+around one batched product for narrower blocks; ``ops.block_kernel.two_product_rotate``: both products
+chained over token chunks) — and the permuted copy that moves 4-float chunks as 16-byte elements against
+a plain permute; also a dense product as a oneDNN convolution, the batched rotation operands of four
+layers and their Cayley step (closed-form backward against autograd through a solve), the output scale's
+two forms, and the frozen product with the scale, the scale folded into the input gradient's product
+(``ScaledLinear``) or applied to the output gradient first. Every piece runs once per round, ``--iters``
+rounds, and reports its fastest: the machine's drifts reach all pieces alike. These are the measurements
+behind the cost model's CPU constants (``adapters.orthogonal.PASS_COST``) and the CPU paths' choices.
 
     python benchmarks/bench_ops.py --iters 40
 """
@@ -21,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from boftvision.ops.block_kernel import block_rotate
+from boftvision.ops.block_kernel import block_rotate, two_product_rotate
 from boftvision.ops.orthogonal import (
     apply_two_product,
     block_product,
@@ -89,12 +90,16 @@ def main() -> None:
         for name, product in (("einsum", einsum_product), ("as run", as_run)):
             rows[f"one block product b={width}, forward + backward ({name})"] = forward_backward(product, x, blocks)
     for name, product in (("einsum", einsum_product), ("as run", block_rotate)):
+        # as run: the layers' CPU chain of both products over token chunks (two_product_rotate)
+        def two_products(v, lo, hi, p=product):
+            return two_product_rotate(v, lo, hi, full_m, b) if p is block_rotate else \
+                apply_two_product(v, lo, hi, full_m, b, product=p)
+
         rows |= {
             f"collapsed block product m=2 b=8, forward + backward ({name})": forward_backward(product, x, m2),
             f"two block products (full butterfly m={full_m}, b=8), forward + backward ({name})": forward_backward(
-                lambda v, lo, hi, p=product: apply_two_product(v, lo, hi, full_m, b, product=p), x, low, high),
-            f"two block products, forward ({name})": lambda p=product: apply_two_product(x, low, high, full_m, b,
-                                                                                       product=p),
+                two_products, x, low, high),
+            f"two block products, forward ({name})": lambda f=two_products: f(x, low, high),
         }
     raw = 0.1 * torch.randn(full_m, 4 * d // b, b, b)  # four layers' full butterflies, as one batch
     s_, bias = torch.randn(d), torch.randn(d)
