@@ -74,7 +74,9 @@ SHARED_ROTATIONS: "weakref.WeakKeyDictionary[OrthogonalAdapter, tuple]" = weakre
 # choose_side). CPU: `python benchmarks/bench_ops.py` on a 2-core x86 CPU (1024-wide layer, 2048 fp32
 # tokens, three runs): one GEMM of the layer 24–25 ms (2.1 G MACs), a collapsed block product's forward
 # + backward (3 passes) 6.3–7.8 ms, the two block products' as the layers run them 14–18 ms: ~100 MACs per
-# element and pass, two products ≈ 2 passes. H100: measured with benchmarks/bench_models.py, where the
+# element and pass, two products ≈ 2 passes (two later runs, `--iters 40`, with the products chained over
+# token chunks: 20.3–20.5, 4.5 and 11.0–11.3 ms — ~75 per pass, two products ≈ 2.5 passes; kept, the
+# choice for these shapes is the same either way). H100: measured with benchmarks/bench_models.py, where the
 # weight side won on DINOv2-L and SD's UNet (an activation pass there is a handful of permute/copy
 # kernels, a GEMM runs near 800 TFLOP/s)
 PASS_COST = {"cpu": 100, "cuda": 4000}
