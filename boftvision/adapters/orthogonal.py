@@ -162,6 +162,11 @@ class OrthogonalAdapter(Adapter):
             return torch.cat([low.reshape(-1), high.reshape(-1)])
         return collapse_butterfly(blocks) if self.collapse else blocks
 
+    def product_widths(self) -> tuple[int, int]:
+        """The widths of the two products' blocks (``two_product``): b·2^k for L, b·2^(m−k−2) for H."""
+        k = two_product_split(self.n_factors)
+        return self.block_size * 2 ** k, self.block_size * 2 ** (self.n_factors - k - 2)
+
     def state_key(self) -> tuple:
         """Everything a computed rotation depends on besides the module's identity: the parameter object
         (``load_state_dict(assign=True)`` replaces it), its in-place version, grad and train mode,
@@ -213,13 +218,11 @@ class OrthogonalAdapter(Adapter):
         collapsed diagonal blocks when they are narrow (see ``COLLAPSE_SPAN``), two block products for
         deeper butterflies, else (m = 2, wide blocks) factor by factor."""
         if self.two_product:
-            m, b = self.n_factors, self.block_size
-            k = two_product_split(m)
-            low_width, high_width = b * 2 ** k, b * 2 ** (m - k - 2)
+            low_width, high_width = self.product_widths()
             n_low = self.width * low_width
             low = operand[:n_low].reshape(-1, low_width, low_width).to(x.dtype)
             high = operand[n_low:].reshape(-1, high_width, high_width).to(x.dtype)
-            return two_product_rotate(x, low, high, m, b, transpose=transpose)
+            return two_product_rotate(x, low, high, self.n_factors, self.block_size, transpose=transpose)
         if self.collapse or self.n_factors == 1:  # one block-diagonal matrix: the fused kernel on GPU
             blocks = operand if self.collapse else operand[0]
             return block_rotate(x, (blocks.transpose(-1, -2) if transpose else blocks).to(x.dtype))
@@ -375,8 +378,7 @@ def rotation_operands(group: list[OrthogonalAdapter]) -> list[torch.Tensor]:
     if first.collapse:  # (Σ d/span, span, span)
         return list(operand.split([a.width // operand.shape[-1] for a in group], dim=0))
     if first.two_product:  # [low blocks of every layer, high blocks of every layer], flat: width·B each
-        k = two_product_split(first.n_factors)
-        low_width, high_width = first.block_size * 2 ** k, first.block_size * 2 ** (first.n_factors - k - 2)
+        low_width, high_width = first.product_widths()
         n_low = sum(a.width for a in group) * low_width
         lows = operand[:n_low].split([a.width * low_width for a in group])
         highs = operand[n_low:].split([a.width * high_width for a in group])

@@ -23,7 +23,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from .orthogonal import apply_factor, apply_two_product, permute_copy, permute_into, two_product_split
+from .orthogonal import apply_factor, apply_two_product, high_coordinates, permute_copy, permute_into
 
 BLOCK_SIZES = (8, 16, 32, 64)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,12 +130,9 @@ class TwoProductChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, low, high, n_factors, block_size, transpose):
-        k, half = two_product_split(n_factors), block_size // 2
         d = x.shape[-1]
-        c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
-        segments = d // (c_high * c_low * half)
         # the product acting on H's coordinates reads (t, s, l, j, h), features (s, j, l, h) permuted
-        ctx.to_h, ctx.from_h = (segments, c_high, c_low, half), (segments, c_low, c_high, half)
+        ctx.to_h, ctx.from_h = high_coordinates(d, n_factors, block_size)
         # (blocks, whether they act in H's coordinates), in the order the products apply
         stages = [(low.mT, False), (high.mT, True)] if transpose else [(high, True), (low, False)]
         flat = x.reshape(-1, d)

@@ -475,16 +475,24 @@ def block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return apply_factor(x, blocks, 0)
 
 
+def high_coordinates(width: int, n_factors: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A row's features as (segments, j, l, h) — span segment, high chunk bits, low chunk bits, element of a
+    b/2-chunk — and as H's coordinates order them, (segments, l, j, h): ``permute_copy(x, (T, *to_h),
+    (0, 1, 3, 2, 4))`` moves T rows into H's coordinates, the same with ``from_h`` back."""
+    k, half = two_product_split(n_factors), block_size // 2
+    c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
+    segments = width // (c_high * c_low * half)
+    return (segments, c_high, c_low, half), (segments, c_low, c_high, half)
+
+
 def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | None, n_factors: int,
                       block_size: int, transpose: bool = False, product=block_product) -> torch.Tensor:
     """``x @ R`` (``x @ Rᵀ``) from :func:`two_product_operands`: x: (..., d). ``product(v, blocks)``
     multiplies by a block-diagonal matrix (the fused kernel, ``ops.block_kernel.block_rotate``, on GPU)."""
     if high is None:
         return product(x, low.transpose(-1, -2) if transpose else low)
-    k, half = two_product_split(n_factors), block_size // 2
     lead, d = x.shape[:-1], x.shape[-1]
-    c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
-    segments = d // (c_high * c_low * half)
+    (segments, c_high, c_low, half), _ = high_coordinates(d, n_factors, block_size)
 
     def high_product(v, blocks):  # (segments·c_low) blocks of c_high·half, on the coordinates (s, j, l, h)
         tokens = v.numel() // d
