@@ -21,6 +21,7 @@ from .adapters import AdaptedLayer, LayerShape, ModulesToSaveWrapper, method_of
 from .adapters.base import SharedParameters, is_supported, shared_arguments
 from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rotations
 from .config import AdapterConfig
+from .sharding import ROOT_WRAPPERS, is_zero3
 
 CONFIGS_ATTR = "boftvision_configs"
 # the flags the model's parameters had before its first adapter, by name (holding the parameters
@@ -308,17 +309,22 @@ def _drop_shared(model: nn.Module, names) -> None:
 
 
 def check_not_wrapped(model: nn.Module) -> None:
-    """Adapters go in before FSDP/DDP wraps the model: wrapping flattens or shards the parameters the
-    targets are found by (and DDP would not synchronise parameters added after it)."""
+    """Adapters go in before FSDP/DDP/DeepSpeed wraps the model: wrapping flattens or shards the
+    parameters the targets are found by (and DDP would not synchronise parameters added after it)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
         FSDPModule = ()
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if isinstance(module, FSDPModule) or kind in ("FullyShardedDataParallel", "DistributedDataParallel"):
+        if isinstance(module, FSDPModule) or kind in ROOT_WRAPPERS:
             raise ValueError(f"the model is already wrapped ({kind} at {name or 'the root'}); add adapters to the "
-                             "plain model first, then wrap it with FSDP/DDP (accelerate.prepare does so)")
+                             "plain model first, then wrap it with FSDP/DDP/DeepSpeed (accelerate.prepare does so)")
+    partitioned = next((n for n, p in model.named_parameters() if is_zero3(p)), None)
+    if partitioned is not None:
+        raise ValueError(f"the model's parameters are already partitioned by DeepSpeed ZeRO-3 ({partitioned}; built "
+                         "under deepspeed.zero.Init, e.g. accelerate's zero3_init_flag: true): load the model without "
+                         "it (zero3_init_flag: false), add adapters, then let accelerate.prepare partition it")
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Models wrapped for data-parallel training — FSDP2 (``fully_shard``), FSDP1
-(``FullyShardedDataParallel``, ``use_orig_params=True``) and DDP — as io sees them: the wrappers'
-names taken out of module paths, full tensors gathered from the shards, one process writing.
+(``FullyShardedDataParallel``, ``use_orig_params=True``), DeepSpeed ZeRO (stages 1–3) and DDP — as io
+sees them: the wrappers' names taken out of module paths, full tensors gathered from the shards, one
+process writing.
 
 Adapters go in before wrapping (:func:`boftvision.inject.check_not_wrapped` refuses the reverse). Every
 process must call a saving function of a sharded model: gathering is collective.
@@ -22,9 +23,13 @@ def clean_name(name: str) -> str:
     return name
 
 
+ROOT_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DDP or FSDP1 root wrapper (FSDP2 wraps nothing: the model itself)."""
-    while type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+    """The user's model inside a DDP, FSDP1 or DeepSpeed root wrapper (FSDP2 wraps nothing: the model
+    itself)."""
+    while type(model).__name__ in ROOT_WRAPPERS:
         model = model.module
     return model
 
@@ -33,14 +38,29 @@ def is_fsdp1(module: nn.Module) -> bool:
     return type(module).__name__ == "FullyShardedDataParallel"
 
 
+def is_zero3(tensor: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitions: outside its module's forward it holds no data here (shape
+    ``(0,)``), its shape is ``ds_shape``."""
+    return hasattr(tensor, "ds_id")
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """Whether parameters of the model are sharded across processes: FSDP2's DTensors, or FSDP1 units that
-    shard (FSDP1's NO_SHARD — its choice for a single process — keeps every parameter whole, as DDP does,
-    and torch's state-dict API then loses frozen root-level parameters after a backward)."""
+    """Whether parameters of the model are sharded across processes: FSDP2's DTensors, DeepSpeed ZeRO-3's
+    partitions, or FSDP1 units that shard (FSDP1's NO_SHARD — its choice for a single process — keeps every
+    parameter whole, as DDP does, and torch's state-dict API then loses frozen root-level parameters after
+    a backward). ZeRO-1/2 shard the optimizer's state only: the parameters are whole."""
     from torch.distributed.tensor import DTensor
 
     return (any(is_fsdp1(m) and getattr(m.sharding_strategy, "name", None) != "NO_SHARD" for m in model.modules())
-            or any(isinstance(p, DTensor) for p in model.parameters()))
+            or any(isinstance(p, DTensor) or is_zero3(p) for p in model.parameters()))
+
+
+def deepspeed_optimizer(optimizer):
+    """DeepSpeed's own optimizer (ZeRO 1–3, bf16/fp16 wrappers: each process holds a part of the state)
+    inside accelerate's wrapper, or None when the optimizer is not one of DeepSpeed's."""
+    while optimizer is not None and not type(optimizer).__module__.startswith("deepspeed."):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
 
 
 _GATHERED: list[nn.Module] = []  # FSDP1 roots inside full_parameters now
@@ -101,11 +121,17 @@ class Part:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A whole CPU copy of a parameter (an FSDP2 DTensor is gathered: collective)."""
+    """A whole CPU copy of a parameter (an FSDP2 DTensor or a ZeRO-3 partition is gathered: collective —
+    every process calls it, for the same parameters in the same order)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
         tensor = tensor.full_tensor()
+    elif is_zero3(tensor):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            return tensor.detach().cpu().clone().contiguous()
     return tensor.detach().cpu().clone().contiguous()
 
 

@@ -1,8 +1,9 @@
 """Train every adapter for a few steps on a tiny Llama and a tiny UNet, wrapped the way users wrap
 them — FSDP2 (``fully_shard`` per block, then the model), FSDP1 (blocks auto-wrapped,
-``use_orig_params=True``) or DDP — over gloo, or in one process (``single``); save each adapter.
+``use_orig_params=True``), DeepSpeed ZeRO-2 / ZeRO-3 (``deepspeed.initialize``; ZeRO-3 partitions every
+parameter, small ones included) or DDP — over gloo, or in one process (``single``); save each adapter.
 
-    python tests/sharded_run.py --kinds fsdp2 fsdp1 ddp --out DIR [--port 29500]   # 2 processes
+    python tests/sharded_run.py --kinds fsdp2 fsdp1 ddp zero2 zero3 --out DIR [--port 29500]   # 2 processes
     python tests/sharded_run.py --kinds single --out DIR
 
 Writes ``DIR/<kind>/<model>-<method>/`` (the adapter) and ``DIR/<kind>/losses.json``. Used by
@@ -88,6 +89,21 @@ def wrap(model, kind: str):
     return model
 
 
+def with_optimizer(model, kind: str, optimizer_class, lr: float, world: int = 1):
+    """``(model, optimizer)`` for training: DeepSpeed (``zero2``/``zero3``) wraps both in its engine, which
+    then runs the backward and the step (gradients averaged over processes, as DDP does)."""
+    if not kind.startswith("zero"):
+        return model, optimizer_class(trainable(model), lr=lr)
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+              "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": int(kind[-1]), "stage3_param_persistence_threshold": 0}}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_class(trainable(model), lr=lr),
+                                                   config=config)
+    return engine, optimizer
+
+
 def rows_of(rank: int, world: int) -> slice:
     """This process's share of the global batch."""
     share = BATCH // world
@@ -105,9 +121,13 @@ def adapted(model_name: str, method: str, kind: str):
 def train_step(model_name: str, model, optimizer, data, rows: slice, world: int) -> float:
     """One optimizer step on this process's rows; the loss averaged over processes."""
     loss = loss_of(model_name, model, data, rows)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    if type(model).__name__ == "DeepSpeedEngine":
+        model.backward(loss)
+        model.step()
+    else:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     mean = loss.detach().clone()
     if world > 1:
         dist.all_reduce(mean)
@@ -124,8 +144,7 @@ def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
     data, rows = batch(), rows_of(rank, world)
     for model_name in ("llama", "unet"):
         for method in CONFIGS:
-            model = adapted(model_name, method, kind)
-            optimizer = torch.optim.SGD(trainable(model), lr=0.5)
+            model, optimizer = with_optimizer(adapted(model_name, method, kind), kind, torch.optim.SGD, 0.5, world)
             losses[f"{model_name}-{method}"] = [train_step(model_name, model, optimizer, data, rows, world)
                                                 for _ in range(STEPS)]
             bv.save_adapter(model, out / kind / f"{model_name}-{method}")  # every process calls it
@@ -135,29 +154,29 @@ def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
 
 
 def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
-    """Adam on BOFT and VB-LoRA (Llama): 3 steps straight, against 2 steps, a training checkpoint, a fresh
-    model and optimizer that load it, and the third step. Writes ``DIR/<kind>/resume.json``."""
+    """Adam on BOFT and VB-LoRA (Llama): 4 steps straight, against 2 steps, a training checkpoint, a fresh
+    model and optimizer that load it, and steps 3 and 4 (step 4's loss shows step 3's update, which reads
+    the restored Adam moments). Writes ``DIR/<kind>/resume.json``."""
     from boftvision.training import load_checkpoint, save_checkpoint
 
     data, rows = batch(), rows_of(rank, world)
     result = {}
     for method in ("boft", "vblora"):
         def fresh():
-            model = adapted("llama", method, kind)
-            return model, torch.optim.Adam(trainable(model), lr=1e-2)
+            return with_optimizer(adapted("llama", method, kind), kind, torch.optim.Adam, 1e-2, world)
 
         def step(model, optimizer):
             return train_step("llama", model, optimizer, data, rows, world)
 
         model, optimizer = fresh()
-        straight = [step(model, optimizer) for _ in range(3)]
+        straight = [step(model, optimizer) for _ in range(4)]
         model, optimizer = fresh()
         for _ in range(2):
             step(model, optimizer)
         checkpoint = save_checkpoint(out / kind / f"run-{method}", model, optimizer, None, 2)
         model, optimizer = fresh()
         load_checkpoint(checkpoint, model, optimizer, None)
-        result[method] = {"straight": straight, "resumed": step(model, optimizer)}
+        result[method] = {"straight": straight, "resumed": [step(model, optimizer) for _ in range(2)]}
     if rank == 0:
         (out / kind / "resume.json").write_text(json.dumps(result))
 
@@ -166,13 +185,14 @@ def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> Non
     import warnings
 
     warnings.filterwarnings("ignore")  # FSDP1 lists every frozen parameter next to trainable ones
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))  # DeepSpeed reads these
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for kind in kinds:
             train(kind, out, rank, world)
-            if kind.startswith("fsdp"):
+            if kind != "ddp":
                 resume_check(kind, out, rank, world)
     finally:
         dist.destroy_process_group()
@@ -180,7 +200,7 @@ def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> Non
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--kinds", nargs="+", choices=["single", "fsdp2", "fsdp1", "ddp"], required=True)
+    p.add_argument("--kinds", nargs="+", choices=["single", "fsdp2", "fsdp1", "ddp", "zero2", "zero3"], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--port", type=int, default=29517)
     args = p.parse_args()

@@ -6,6 +6,7 @@ so a planted checkpoint cannot run code. They are written whole (a temporary sib
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import random
 import re
 import shutil
 import tempfile
+import types
 import uuid
 import warnings
 import zipfile
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..adapters import METHODS
 from ..files import atomic_folder
-from ..sharding import barrier, clean_name, is_sharded, rank
+from ..sharding import barrier, clean_name, deepspeed_optimizer, full_tensor, is_sharded, is_zero3, rank, unwrap
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,8 +59,11 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
     optimizer, scheduler, step, RNG. Written into a temporary sibling and renamed, so a kill never
     leaves a half-written ``checkpoint-{step}``. ``keep`` limits how many stay (oldest removed)."""
     path = Path(folder) / f"checkpoint-{step}"
-    sharded = is_sharded(model)
-    if sharded:  # every process calls this: the full tensors are gathered, process 0 writes
+    deepspeed = deepspeed_optimizer(optimizer) is not None
+    sharded = deepspeed or is_sharded(model)
+    if deepspeed:  # every process calls this: its optimizer partition goes to process 0, which writes
+        trainable, optimizer_state, rng = deepspeed_training_state(model, optimizer)
+    elif sharded:  # every process calls this: the full tensors are gathered, process 0 writes
         trainable, optimizer_state, rng = sharded_training_state(model, optimizer)
     else:
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -75,7 +80,8 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, 
         with atomic_folder(path) as tmp:
             torch.save({"trainable": trainable, "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "step": step, "rng": rng, "sharded": sharded}, tmp / "training_state.pt")
+                        "step": step, "rng": rng, "sharded": sharded, "deepspeed": deepspeed},
+                       tmp / "training_state.pt")
             (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step}, indent=2))
     finally:
         if sharded:
@@ -96,8 +102,11 @@ def sharded_training_state(model: nn.Module, optimizer) -> tuple[dict, dict, lis
 
     names = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
+    # cpu_offload copies each gathered tensor off the accelerator; on a CPU, FSDP1's Adam moments then
+    # alias one gather buffer (exp_avg came back holding exp_avg_sq's values): gather without it there
+    offload = any(p.device.type != "cpu" for p in model.parameters())
     model_state, optimizer_state = get_state_dict(model, optimizer,
-                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_state())
     return {n: t for n, t in model_state.items() if n in names}, optimizer_state, rngs
@@ -111,6 +120,95 @@ def load_sharded_training_state(model: nn.Module, optimizer, state: dict) -> Non
     optimizer = getattr(optimizer, "optimizer", optimizer)
     set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
+    _set_rng_state(state["rng"][rank()])
+
+
+KEPT = "<taken from the running optimizer>"
+
+
+def plain_data(value):
+    """``value`` as tensors and plain data (what ``weights_only`` loading accepts): an object becomes its
+    attributes; what has no such form (an enum) is marked :data:`KEPT`, to be taken from the running
+    optimizer by :func:`restore_data`."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, enum.Enum):
+        return KEPT
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_data(v) for v in value) if type(value) in (list, tuple) else \
+            [plain_data(v) for v in value]
+    if hasattr(value, "__dict__"):
+        return {"__attributes__": plain_data(vars(value))}
+    return KEPT
+
+
+def restore_data(saved, running):
+    """Inverse of :func:`plain_data` on the running optimizer's own state (``running``): objects get their
+    saved attributes back (objects the running state lacks come back as namespaces), what was
+    :data:`KEPT` is the running one's."""
+    if isinstance(saved, str) and saved == KEPT:
+        return running
+    if isinstance(saved, dict) and set(saved) == {"__attributes__"}:
+        if running is None:  # another process's object (its own parameters' places): attributes suffice
+            return types.SimpleNamespace(**restore_data(saved["__attributes__"], None))
+        for key, value in saved["__attributes__"].items():
+            setattr(running, key, restore_data(value, getattr(running, key, None)))
+        return running
+    if isinstance(saved, dict):
+        running = running if isinstance(running, dict) else {}
+        return {k: restore_data(v, running.get(k)) for k, v in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        running = running if isinstance(running, (list, tuple)) and len(running) == len(saved) else [None] * len(saved)
+        return type(saved)(restore_data(v, r) for v, r in zip(saved, running))
+    return saved
+
+
+def deepspeed_training_state(model: nn.Module, optimizer) -> tuple[dict, dict, list]:
+    """A DeepSpeed run's trainable parameters as whole tensors (ZeRO-3's partitions gathered), every
+    process's part of the ZeRO optimizer's state (its partition of the fp32 weights and of the moments, in
+    plain data) and every process's RNG state; collective, the parts land on process 0."""
+    import torch.distributed as dist
+
+    trainable = {clean_name(n): full_tensor(p) for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    parts = [None] * dist.get_world_size() if rank() == 0 else None
+    dist.gather_object(plain_data(deepspeed_optimizer(optimizer).state_dict()), parts, dst=0)
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, _rng_state())
+    return trainable, {"deepspeed_parts": parts}, rngs
+
+
+def load_deepspeed_training_state(model: nn.Module, optimizer, state: dict, path: Path) -> None:
+    """Inverse of :func:`deepspeed_training_state` in a run with as many processes: the parameters (ZeRO-3:
+    into the partitions), each process's optimizer partition, its RNG state."""
+    import torch.distributed as dist
+
+    parts = state["optimizer"]["deepspeed_parts"]
+    if len(parts) != dist.get_world_size():
+        raise ValueError(f"checkpoint {path} was written by {len(parts)} DeepSpeed processes and this run has "
+                         f"{dist.get_world_size()}: ZeRO splits the optimizer's state by process, resume with "
+                         f"{len(parts)} (--num_processes {len(parts)})")
+    params = {clean_name(n): p for n, p in unwrap(model).named_parameters()}
+    missing = [n for n in state["trainable"] if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters this model lacks: {missing[:3]}; was it made "
+                         "with other adapter settings?")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            if is_zero3(params[name]):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                    params[name].copy_(value)
+            else:
+                params[name].copy_(value)
+    zero = deepspeed_optimizer(optimizer)
+    running = zero.state_dict()
+    zero.load_state_dict(state_dict_list=[restore_data(part, running) for part in parts],
+                         load_optimizer_states=True, load_from_fp32_weights=True)
     _set_rng_state(state["rng"][rank()])
 
 
@@ -221,6 +319,16 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
         raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain data, which could "
                          "run code when loaded; refusing it. Checkpoints written by boftvision hold only tensors: "
                          "delete this one (or resume from another) if you did not make it yourself") from err
+    if state.get("deepspeed") or deepspeed_optimizer(optimizer) is not None:
+        if not (state.get("deepspeed") and deepspeed_optimizer(optimizer) is not None):
+            written, now = ("a DeepSpeed", "without DeepSpeed") if state.get("deepspeed") else ("a non-DeepSpeed",
+                                                                                               "under DeepSpeed")
+            raise ValueError(f"checkpoint {path} was written by {written} run and this run is {now}: resume it the "
+                             "way it was written (the same accelerate config and number of processes)")
+        load_deepspeed_training_state(model, optimizer, state, Path(path))
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        return json.loads((Path(path) / "state.json").read_text())
     if state.get("sharded"):
         if not is_sharded(model):
             raise ValueError(f"checkpoint {path} was written by a sharded (FSDP) run: resume it sharded the same way")
