@@ -21,7 +21,7 @@ from .adapters import AdaptedLayer, LayerShape, ModulesToSaveWrapper, method_of
 from .adapters.base import SharedParameters, is_supported, shared_arguments
 from .adapters.orthogonal import OrthogonalAdapter, forget_rotations, share_rotations
 from .config import AdapterConfig
-from .sharding import ROOT_WRAPPERS, is_zero3
+from .sharding import ROOT_WRAPPERS
 
 CONFIGS_ATTR = "boftvision_configs"
 # the flags the model's parameters had before its first adapter, by name (holding the parameters
@@ -320,11 +320,6 @@ def check_not_wrapped(model: nn.Module) -> None:
         if isinstance(module, FSDPModule) or kind in ROOT_WRAPPERS:
             raise ValueError(f"the model is already wrapped ({kind} at {name or 'the root'}); add adapters to the "
                              "plain model first, then wrap it with FSDP/DDP/DeepSpeed (accelerate.prepare does so)")
-    partitioned = next((n for n, p in model.named_parameters() if is_zero3(p)), None)
-    if partitioned is not None:
-        raise ValueError(f"the model's parameters are already partitioned by DeepSpeed ZeRO-3 ({partitioned}; built "
-                         "under deepspeed.zero.Init, e.g. accelerate's zero3_init_flag: true): load the model without "
-                         "it (zero3_init_flag: false), add adapters, then let accelerate.prepare partition it")
 
 
 @contextmanager

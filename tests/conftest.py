@@ -84,19 +84,20 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
     """``(command, env)`` that runs a training script under ``accelerate launch``. Default: two CPU
     processes over gloo.
 
-    ``engine``: "ddp" (accelerate's multi-process launch) or "fsdp1"/"fsdp2": the shipped
-    ``configs/accelerate/fsdp*.yaml`` through ``tests/accelerate_fsdp_cpu.py`` (on CPU it turns accelerate's
-    FSDP on, which accelerate enables only for accelerator devices; on CUDA it only reports), with
-    ``wrap`` as the auto-wrapped block classes; on CPU FSDP1's ``sync_module_states`` is off (not supported
-    there). ``report``: a path prefix each FSDP process writes what accelerate prepared to
-    (``<report>.<rank>``).
+    ``engine``: "ddp" (accelerate's multi-process launch) or the name of a shipped
+    ``configs/accelerate/*.yaml`` ("fsdp1", "fsdp2", "deepspeed_zero2", "deepspeed_zero3") run through
+    ``tests/accelerate_sharded_cpu.py`` (on CPU it turns accelerate's FSDP or DeepSpeed on, which accelerate
+    enables only for accelerator devices; on CUDA it only reports), with ``wrap`` as FSDP's auto-wrapped block
+    classes; on CPU FSDP1's ``sync_module_states`` is off (not supported there). ``report``: a path prefix each
+    process writes what accelerate prepared to (``<report>.<rank>``).
     """
     import os
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # DeepSpeed's ninja
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"  # torchrun's processes on CPU + gloo
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
@@ -109,9 +110,9 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
         command += ["--config_file", str(root / "configs" / "accelerate" / f"{engine}.yaml")]
         command += ["--fsdp_sync_module_states", "false"] if engine == "fsdp1" and device == "cpu" else []
         command += ["--fsdp_transformer_layer_cls_to_wrap", wrap] if wrap else []
-        target.insert(0, str(root / "tests" / "accelerate_fsdp_cpu.py"))
+        target.insert(0, str(root / "tests" / "accelerate_sharded_cpu.py"))
         if report:
-            env["BOFTVISION_FSDP_REPORT"] = str(report)
+            env["BOFTVISION_ENGINE_REPORT"] = str(report)
     return [*command, *target, *script_args], env
 
 

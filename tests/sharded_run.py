@@ -1,9 +1,10 @@
 """Train every adapter for a few steps on a tiny Llama and a tiny UNet, wrapped the way users wrap
 them — FSDP2 (``fully_shard`` per block, then the model), FSDP1 (blocks auto-wrapped,
 ``use_orig_params=True``), DeepSpeed ZeRO-2 / ZeRO-3 (``deepspeed.initialize``; ZeRO-3 partitions every
-parameter, small ones included) or DDP — over gloo, or in one process (``single``); save each adapter.
+parameter, small ones included; ``zero3init`` builds the model partitioned, under ``zero.Init``) or DDP —
+over gloo, or in one process (``single``); save each adapter.
 
-    python tests/sharded_run.py --kinds fsdp2 fsdp1 ddp zero2 zero3 --out DIR [--port 29500]   # 2 processes
+    python tests/sharded_run.py --kinds fsdp2 fsdp1 ddp zero2 zero3 zero3init --out DIR [--port 29500]   # 2 processes
     python tests/sharded_run.py --kinds single --out DIR
 
 Writes ``DIR/<kind>/<model>-<method>/`` (the adapter) and ``DIR/<kind>/losses.json``. Used by
@@ -96,12 +97,16 @@ def with_optimizer(model, kind: str, optimizer_class, lr: float, world: int = 1)
         return model, optimizer_class(trainable(model), lr=lr)
     import deepspeed
 
-    config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
-              "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": int(kind[-1]), "stage3_param_persistence_threshold": 0}}
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_class(trainable(model), lr=lr),
-                                                   config=config)
+                                                   config=deepspeed_config(kind, world))
     return engine, optimizer
+
+
+def deepspeed_config(kind: str, world: int) -> dict:
+    """ZeRO-2, or ZeRO-3 partitioning every parameter (small ones too: none is kept whole)."""
+    return {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": 2 if kind == "zero2" else 3, "stage3_param_persistence_threshold": 0}}
 
 
 def rows_of(rank: int, world: int) -> slice:
@@ -113,9 +118,31 @@ def rows_of(rank: int, world: int) -> slice:
 def adapted(model_name: str, method: str, kind: str):
     """A freshly built model (same seed every time) with the method's adapter, wrapped for ``kind``."""
     torch.manual_seed(0)
-    model, targets = {"llama": build_llama, "unet": build_unet}[model_name]()
+    build = {"llama": build_llama, "unet": build_unet}[model_name]
+    model, targets = build()
+    if kind == "zero3init":
+        model = built_partitioned(model, build)
     bv.add_adapter(model, dataclasses.replace(CONFIGS[method], target_modules=targets))
     return wrap(model, kind)
+
+
+def built_partitioned(model, build):
+    """The model built again under ``deepspeed.zero.Init`` (partitioned as it is built, as transformers'
+    ``from_pretrained`` does under accelerate's ZeRO-3), its weights loaded into the partitions; the RNG
+    left where building ``model`` left it, so the adapters added next start the same."""
+    import deepspeed
+    import torch._dynamo  # noqa: F401 - imported inside zero.Init (which patches Tensor.__new__) it fails
+    from transformers import LlamaForCausalLM  # noqa: F401 - likewise (transformers' lazy import pulls dynamo in)
+
+    rng, state = torch.get_rng_state(), {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config("zero3init", dist.get_world_size())):
+        partitioned, _ = build()
+    with torch.no_grad():
+        for name, tensor in [*partitioned.named_parameters(), *partitioned.named_buffers()]:
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0, enabled=hasattr(tensor, "ds_id")):
+                tensor.copy_(state[name])
+    torch.set_rng_state(rng)
+    return partitioned
 
 
 def train_step(model_name: str, model, optimizer, data, rows: slice, world: int) -> float:
@@ -200,7 +227,8 @@ def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> Non
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--kinds", nargs="+", choices=["single", "fsdp2", "fsdp1", "ddp", "zero2", "zero3"], required=True)
+    p.add_argument("--kinds", nargs="+", required=True,
+                   choices=["single", "fsdp2", "fsdp1", "ddp", "zero2", "zero3", "zero3init"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--port", type=int, default=29517)
     args = p.parse_args()

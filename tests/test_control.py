@@ -186,7 +186,7 @@ def control_ddp(setup, tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow)])
 def test_control_script_under_accelerates_fsdp_equals_ddp(setup, control_ddp, tmp_path, engine):
-    """Under accelerate's FSDP (tests/accelerate_fsdp_cpu.py; the UNet and the control encoder prepared as
+    """Under accelerate's FSDP (tests/accelerate_sharded_cpu.py; the UNet and the control encoder prepared as
     one model) two processes train exactly as under DDP: the UNet adapter and the control encoder saved
     from the shards equal DDP's."""
     expected, expected_result = control_ddp

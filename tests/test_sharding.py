@@ -5,6 +5,7 @@ accelerate's FSDP plugin (shipped configs) equal their DDP runs."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import sharded_run  # noqa: E402
 
-KINDS = ["fsdp2", "fsdp1", "ddp", "zero2", "zero3"]
+KINDS = ["fsdp2", "fsdp1", "ddp", "zero2", "zero3", "zero3init"]
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +111,17 @@ def test_validation_during_a_sharded_run_is_refused():
 
 def test_shipped_accelerate_configs_parse():
     """configs/accelerate/*.yaml read by accelerate's own loader (the scripts run under them below,
-    through tests/accelerate_fsdp_cpu.py, and unchanged on a GPU in tests/test_gpu.py)."""
+    through tests/accelerate_sharded_cpu.py, and unchanged on a GPU in tests/test_gpu.py)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = {p.stem: load_config_from_file(str(p)) for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
-    assert set(configs) == {"ddp", "fsdp1", "fsdp2"}
+    assert set(configs) == {"ddp", "fsdp1", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"}
+    assert configs["deepspeed_zero3"].deepspeed_config["zero_stage"] == 3
     assert configs["fsdp2"].fsdp_config["fsdp_version"] == 2
     assert configs["fsdp1"].fsdp_config["fsdp_version"] == 1 and configs["fsdp1"].fsdp_config["fsdp_use_orig_params"]
 
 
-@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "zero2", "zero3"])
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "zero2", "zero3", "zero3init"])
 def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(runs, kind):
     """Adam, 2 steps, save_checkpoint (gathered, process 0 writes), a fresh wrapped model and optimizer
     load it (each process keeps its shards / its ZeRO partition), steps 3 and 4 equal the run that never
@@ -159,21 +161,62 @@ def assert_sharded_by_accelerate(report: Path, version: int, block: str) -> None
         assert wrapped in line.split("modules=")[1].split(","), line
 
 
-def test_lm_script_under_accelerates_fsdp_equals_ddp(lm_run_inputs, tmp_path):
+@pytest.fixture(scope="module")
+def lm_ddp(lm_run_inputs, tmp_path_factory):
+    """train_lm_boft.py under accelerate's DDP (two CPU processes): the reference of the sharded runs."""
+    out = tmp_path_factory.mktemp("lm-ddp")
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, out))
+    assert json.loads((out / "results.json").read_text())["steps"] == 6  # 48 rows / (2 × 4)
+    return out
+
+
+def test_lm_script_under_accelerates_fsdp_equals_ddp(lm_run_inputs, lm_ddp, tmp_path):
     """train_lm_boft.py unchanged under `accelerate launch --config_file configs/accelerate/fsdp{1,2}.yaml`
     (decoder layers auto-wrapped, adapter gathered and written by process 0) trains exactly as under
     accelerate's DDP: same losses, same saved adapter; the data is split over the two processes."""
-    def args(out):
-        return lm_script_args(lm_run_inputs, out)
-
-    accelerate_launch("train_lm_boft.py", args(tmp_path / "ddp"))
-    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["steps"] == 6  # 48 rows / (2 × 4)
     for version in (2, 1):
         out = tmp_path / f"fsdp{version}"
-        accelerate_launch("train_lm_boft.py", args(out), f"fsdp{version}",
-                                            report=tmp_path / f"report{version}")
+        accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, out), f"fsdp{version}",
+                          report=tmp_path / f"report{version}")
         assert_sharded_by_accelerate(tmp_path / f"report{version}", version, "LlamaDecoderLayer")
-        assert_same_run(out, tmp_path / "ddp")
+        assert_same_run(out, lm_ddp)
+
+
+def assert_run_by_deepspeed(report: Path, stage: int) -> None:
+    for rank in (0, 1):
+        line = Path(f"{report}.{rank}").read_text().splitlines()[0]
+        assert f"DistributedType.DEEPSPEED fsdp_version=None processes=2 zero_stage={stage}" in line, line
+        assert "DeepSpeedEngine" in line.split("modules=")[1].split(","), line
+
+
+def test_lm_script_under_accelerates_deepspeed_zero3_equals_ddp_and_resumes(lm_run_inputs, lm_ddp, tmp_path):
+    """train_lm_boft.py unchanged under `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`
+    (transformers loads the Llama partitioned, under zero.Init; the adapters are added to it) trains as under
+    DDP; a run resumed from its step-3 checkpoint (every process's ZeRO partition, written by process 0) ends
+    on the same adapter."""
+    out = tmp_path / "zero3"
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, out, "--checkpointing_steps", "3"),
+                      "deepspeed_zero3", report=tmp_path / "report")
+    assert_run_by_deepspeed(tmp_path / "report", 3)
+    assert_same_run(out, lm_ddp)
+    state = torch.load(out / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert state["deepspeed"] and len(state["optimizer"]["deepspeed_parts"]) == 2 and len(state["rng"]) == 2
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, resumed, "--checkpointing_steps", "3",
+                                                         "--resume_from_checkpoint", "latest"), "deepspeed_zero3")
+    assert_same_run(resumed, out, tolerance=1e-6)
+
+
+@pytest.mark.slow
+def test_lm_script_under_accelerates_deepspeed_zero2_equals_ddp(lm_run_inputs, lm_ddp, tmp_path):
+    """The same under `configs/accelerate/deepspeed_zero2.yaml` (the optimizer's state split, the model whole)."""
+    out = tmp_path / "zero2"
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, out), "deepspeed_zero2",
+                      report=tmp_path / "report")
+    assert_run_by_deepspeed(tmp_path / "report", 2)
+    assert_same_run(out, lm_ddp)
 
 
 def dreambooth_args(tiny_sd, folder, out, *extra):

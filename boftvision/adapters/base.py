@@ -31,8 +31,8 @@ class LayerShape:
         self.is_conv = isinstance(layer, nn.Conv2d)
         self.kernel_size = tuple(layer.kernel_size) if self.is_conv else ()
         self.transposed = is_conv1d(layer)
-        if self.transposed:
-            self.in_features, self.out_features = layer.weight.shape
+        if self.transposed:  # (DeepSpeed ZeRO-3 keeps a partitioned weight's shape in ds_shape)
+            self.in_features, self.out_features = getattr(layer.weight, "ds_shape", layer.weight.shape)
             self.d = self.in_features
         elif isinstance(layer, nn.Linear):
             self.in_features, self.out_features = layer.in_features, layer.out_features

@@ -76,8 +76,19 @@ def tracked_accelerator(args: argparse.Namespace, project: str, **kwargs):
     accelerator = Accelerator(log_with=None if args.report_to in (None, "none") else args.report_to,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
                               **kwargs)
+    deepspeed_clipping(accelerator, args)
     start_trackers(accelerator, args, project)
     return accelerator
+
+
+def deepspeed_clipping(accelerator, args: argparse.Namespace) -> None:
+    """Under DeepSpeed its engine clips the gradients (accelerate's ``clip_grad_norm_`` does nothing there)
+    with the config's ``gradient_clipping``: "auto" (a config that leaves it out) gets the script's
+    ``--max_grad_norm``, or 0 — no clipping — for a script without one, as transformers' Trainer fills it.
+    accelerate would fill 1.0 and clip runs that do not clip elsewhere."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = float(getattr(args, "max_grad_norm", None) or 0.0)
 
 
 def accelerator_from_args(args: argparse.Namespace, find_unused_parameters: bool = False):
@@ -91,12 +102,15 @@ def accelerator_from_args(args: argparse.Namespace, find_unused_parameters: bool
     check_requirements(args)
     if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
-                       log_with=None if args.report_to in (None, "none") else args.report_to,
-                       project_config=ProjectConfiguration(
-                           project_dir=str(out), logging_dir=str(out / getattr(args, "logging_dir", "logs"))))
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=find_unused_parameters)],
+                              log_with=None if args.report_to in (None, "none") else args.report_to,
+                              project_config=ProjectConfiguration(
+                                  project_dir=str(out), logging_dir=str(out / getattr(args, "logging_dir", "logs"))))
+    deepspeed_clipping(accelerator, args)
+    return accelerator
 
 
 def save_loss_plot(path: str | Path, losses: list[float], xlabel: str = "step",
