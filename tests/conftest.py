@@ -84,12 +84,12 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
     """``(command, env)`` that runs a training script under ``accelerate launch``. Default: two CPU
     processes over gloo.
 
-    ``engine``: "ddp" (accelerate's multi-process launch) or the name of a shipped
-    ``configs/accelerate/*.yaml`` ("fsdp1", "fsdp2", "deepspeed_zero2", "deepspeed_zero3") run through
-    ``tests/accelerate_sharded_cpu.py`` (on CPU it turns accelerate's FSDP or DeepSpeed on, which accelerate
-    enables only for accelerator devices; on CUDA it only reports), with ``wrap`` as FSDP's auto-wrapped block
-    classes; on CPU FSDP1's ``sync_module_states`` is off (not supported there). ``report``: a path prefix each
-    process writes what accelerate prepared to (``<report>.<rank>``).
+    ``engine``: "ddp" (accelerate's multi-process launch), or the name of a shipped
+    ``configs/accelerate/*.yaml`` ("fsdp1", "fsdp2", "deepspeed_zero2", "deepspeed_zero3") or a config file's
+    path, run through ``tests/accelerate_sharded_cpu.py`` (on CPU it turns accelerate's FSDP or DeepSpeed on,
+    which accelerate enables only for accelerator devices; on CUDA it only reports), with ``wrap`` as FSDP's
+    auto-wrapped block classes; on CPU FSDP1's ``sync_module_states`` is off (not supported there).
+    ``report``: a path prefix each process writes what accelerate prepared to (``<report>.<rank>``).
     """
     import os
     import sys
@@ -107,7 +107,8 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
     if engine == "ddp":
         command += ["--multi_gpu"] if processes > 1 else []
     else:
-        command += ["--config_file", str(root / "configs" / "accelerate" / f"{engine}.yaml")]
+        config = Path(engine) if engine.endswith(".yaml") else root / "configs" / "accelerate" / f"{engine}.yaml"
+        command += ["--config_file", str(config)]
         command += ["--fsdp_sync_module_states", "false"] if engine == "fsdp1" and device == "cpu" else []
         command += ["--fsdp_transformer_layer_cls_to_wrap", wrap] if wrap else []
         target.insert(0, str(root / "tests" / "accelerate_sharded_cpu.py"))

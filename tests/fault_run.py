@@ -19,6 +19,7 @@ from boftvision.training import (
     adapter_config_from_args,
     add_adapter_arguments,
     claim_output_dir,
+    deepspeed_clipping,
     make_optimizer,
     train_steps,
 )
@@ -40,10 +41,12 @@ def main(argv=None) -> dict:
     p.add_argument("--step_seconds", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--started_file", help="touched at the first step (tests wait for it before signalling)")
+    p.add_argument("--nan_at_call", type=int, help="process 0's loss is NaN at this call of the loss (1 = first)")
     add_adapter_arguments(p, defaults={"boft_block_size": 4, "boft_dropout": 0.1})
     args = p.parse_args(argv)
     claim_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True)  # (under tests/accelerate_sharded_cpu.py: DeepSpeed on CPU processes)
+    deepspeed_clipping(accelerator, args)
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
     bv.add_adapter(model, adapter_config_from_args(args, ["0", "2"]))
@@ -55,15 +58,19 @@ def main(argv=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
+    calls = []
+
     def loss_fn(batch):
         if args.started_file:
             Path(args.started_file).touch()
         time.sleep(args.step_seconds)
         inputs, target = batch
-        return (model(inputs) - target).square().mean()
+        calls.append(1)
+        loss = (model(inputs) - target).square().mean()
+        return loss * float("nan") if len(calls) == args.nan_at_call and accelerator.is_main_process else loss
 
     run = train_steps(accelerator, args, model, [model], optimizer, scheduler, loader, loss_fn)
-    bv.save_adapter(accelerator.unwrap_model(model), f"{args.output_dir}/adapter")
+    bv.save_adapter(model, f"{args.output_dir}/adapter")  # every process (gathered where sharded)
     return {"step": run.step, "losses": run.losses}
 
 

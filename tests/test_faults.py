@@ -152,6 +152,33 @@ def test_divergence_stops_at_once_and_keeps_the_last_finite_checkpoint(tmp_path)
         assert all(torch.isfinite(t).all() for t in state["trainable"].values())
 
 
+def test_a_nan_step_is_skipped_under_deepspeed_as_under_ddp(tmp_path):
+    """Process 0's loss is NaN at the third step of a two-process run without clipping: under DeepSpeed
+    ZeRO-2 told not to measure the gradients' norm (so its engine, which steps inside the backward, would
+    apply the NaN) both processes skip that step before the backward, as the DDP run skips it before the
+    optimizer — the same finite adapter at the end."""
+    import json
+
+    from conftest import accelerate_launch
+
+    (tmp_path / "zero2.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 2, "compute_grad_norm": False}, "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    (tmp_path / "zero2.yaml").write_text(f"distributed_type: DEEPSPEED\nnum_processes: 2\nuse_cpu: false\n"
+                                         f"deepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero2.json'}\n")
+    runs = {}
+    for engine in ("ddp", str(tmp_path / "zero2.yaml")):
+        out = tmp_path / Path(engine).stem
+        accelerate_launch(str(ROOT / "fault_run.py"), ["--output_dir", str(out), "--max_train_steps", "6",
+                                                       "--nan_at_call", "3", "--max_nonfinite_steps", "1",
+                                                       "--boft_dropout", "0", "--checkpointing_steps", "100",
+                                                       "--max_grad_norm", "0"], engine)
+        runs[Path(engine).stem] = adapter(out)
+    for key, value in runs["ddp"].items():
+        assert torch.isfinite(value).all(), key
+        torch.testing.assert_close(runs["zero2"][key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
 def test_save_adapter_refuses_non_finite_tensors(tmp_path, net):
     model = bv.add_adapter(net, CONFIGS["lora"](LINEAR))
     with torch.no_grad():

@@ -233,7 +233,7 @@ UNET_AND_TEXT_BLOCKS = "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer"
 
 @pytest.fixture(scope="module")
 def dreambooth_runs(tiny_sd, tmp_path_factory):
-    """DreamBooth with --train_text_encoder in two processes under DDP, FSDP2 and FSDP1."""
+    """DreamBooth with --train_text_encoder in two processes under DDP, FSDP2, FSDP1 and DeepSpeed ZeRO-3."""
     folder = tmp_path_factory.mktemp("dreambooth-accelerate")
     write_instance_images(folder / "instance", 4)
     text = ("--train_text_encoder",)
@@ -242,6 +242,8 @@ def dreambooth_runs(tiny_sd, tmp_path_factory):
         out = folder / f"fsdp{version}"
         accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, folder, out, *text), f"fsdp{version}",
                           UNET_AND_TEXT_BLOCKS, report=folder / f"report{version}")
+    accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, folder, folder / "zero3", *text),
+                      "deepspeed_zero3", report=folder / "report-zero3")
     return folder
 
 
@@ -257,6 +259,15 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp(dreambooth_runs, ve
     for run in (out, dreambooth_runs / "ddp"):  # (the DDP run is also the default suite's two-process run)
         result = json.loads((run / "results.json").read_text())
         assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_dreambooth_script_under_accelerates_deepspeed_zero3_equals_ddp(dreambooth_runs):
+    """The same under configs/accelerate/deepspeed_zero3.yaml: the UNet and the text encoder prepared as one
+    DeepSpeed engine (accelerate's DeepSpeed takes one model), every parameter partitioned."""
+    out = dreambooth_runs / "zero3"
+    assert_run_by_deepspeed(dreambooth_runs / "report-zero3", 3)
+    assert_same_run(out, dreambooth_runs / "ddp")
+    assert json.loads((out / "results.json").read_text())["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
 
 
 @pytest.mark.slow  # ~45 s; `make test-all`

@@ -240,8 +240,9 @@ def main(argv=None) -> dict:
             if all(id(p) in encoder_params for p in group["params"]):
                 group["lr"] = args.encoder_learning_rate
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # accelerate's FSDP prepares one model: the UNet and the control encoder as one, each called through it
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # accelerate's FSDP and DeepSpeed prepare one model: the UNet and the control encoder as one, each called
+        # through it
         trained, optimizer, loader, lr_scheduler = accelerator.prepare(trained, optimizer, loader, lr_scheduler)
         unet, encoder = Part(trained, "unet"), Part(trained, "control_encoder")
     else:

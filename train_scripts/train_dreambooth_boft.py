@@ -333,8 +333,9 @@ def main(argv=None) -> dict:
     diffusers_step_counts(args, len(loader), accelerator.num_processes)  # --num_train_epochs, --scale_lr, …
     optimizer = make_optimizer(trained, args, args.learning_rate, args.weight_decay)
     lr_scheduler = lr_scheduler_from_args(args, optimizer, accelerator.num_processes)
-    if args.train_text_encoder and accelerator.distributed_type == DistributedType.FSDP:
-        # accelerate's FSDP prepares one model: the UNet and the text encoder(s) as one, each called through it
+    if args.train_text_encoder and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # accelerate's FSDP and DeepSpeed prepare one model: the UNet and the text encoder(s) as one, each called
+        # through it
         trained, optimizer, loader, lr_scheduler = accelerator.prepare(trained, optimizer, loader, lr_scheduler)
         unet, encoders = Part(trained, "unet"), {name: Part(trained, name) for name in encoders}
     elif args.train_text_encoder:

@@ -40,7 +40,7 @@ FLAG_HELP = {
     "warmup_ratio": "share of the steps with linear learning-rate warm-up",
     "lr_scheduler": "learning-rate schedule (diffusers' names)",
     "lr_warmup_steps": "warm-up steps of the schedule",
-    "max_grad_norm": "gradient clipping norm",
+    "max_grad_norm": "gradient clipping norm (0: no clipping)",
     "mixed_precision": "autocast dtype; adapters stay fp32",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
     "checkpointing_steps": "write a resumable checkpoint every N steps",

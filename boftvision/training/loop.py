@@ -171,6 +171,12 @@ def prepare_epochs(accelerator, model: nn.Module, optimizer, train_loader, eval_
                            scheduler=scheduler, steps_per_epoch=steps_per_epoch, total=total, state=state)
 
 
+def on_any_process(accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true where it is true on any process (a collective: every process calls it)."""
+    gathered = accelerator.gather(torch.tensor([[float(f) for f in flags]], device=accelerator.device))
+    return [bool(f) for f in gathered.amax(dim=0)]
+
+
 def stop_if_diverged(loss: torch.Tensor, step: int) -> None:
     """For the epoch-based loops: a non-finite loss stops the run before its step is applied."""
     if not bool(torch.isfinite(loss.detach()).all()):
@@ -277,9 +283,11 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
 
     Faults: a non-finite loss or gradient norm is never applied; more than ``--max_nonfinite_steps``
     (default 0) in a row raise :class:`TrainingDiverged` naming the step and the value (fp16's loss
-    scaler skipping a step with an inf gradient is not counted). SIGTERM or SIGINT finish the current
-    step, write a checkpoint and exit with status 128 + the signal's number.
+    scaler skipping a step with an inf gradient is not counted). Under DeepSpeed, whose engine steps inside
+    the backward, the loss decides before it (the gradient norm is DeepSpeed's to clip). SIGTERM or SIGINT
+    finish the current step, write a checkpoint and exit with status 128 + the signal's number.
     """
+    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     if validate is not None and is_sharded(trained):  # process 0 alone cannot run a sharded model's forward
@@ -297,6 +305,7 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     trainable = [p for p in trained.parameters() if p.requires_grad]
     allowed_nonfinite = getattr(args, "max_nonfinite_steps", 0)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     bar = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     start, validations, nonfinite = time.time(), [], 0
 
@@ -310,17 +319,20 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
             skip = (step % updates_per_epoch) * args.gradient_accumulation_steps  # resumed mid-epoch
             for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 with accelerator.accumulate(*models):
-                    loss = loss_fn(batch)
-                    accelerator.backward(loss)
-                    norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) \
-                        if accelerator.sync_gradients else None
+                    loss, norm = loss_fn(batch), None
                     bad_loss = not bool(torch.isfinite(loss.detach()).all())
-                    bad_norm = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
-                    scaler_skips = accelerator.scaler is not None and bad_norm and not bad_loss
-                    flags = accelerator.gather(torch.tensor([[float(bad_loss or (bad_norm and not scaler_skips)),
-                                                              float(stop.signal is not None)]],
-                                                            device=accelerator.device)).amax(dim=0)
-                    bad, stopping = bool(flags[0]), bool(flags[1])
+                    if deepspeed:  # its engine clips and steps inside backward: decided on the loss, before
+                        bad, stopping = on_any_process(accelerator, bad_loss, stop.signal is not None)
+                        if not bad:
+                            accelerator.backward(loss)
+                    else:
+                        accelerator.backward(loss)
+                        norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf")) \
+                            if accelerator.sync_gradients else None  # (0: the norm is only measured)
+                        bad_norm = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
+                        scaler_skips = accelerator.scaler is not None and bad_norm and not bad_loss
+                        bad, stopping = on_any_process(accelerator, bad_loss or (bad_norm and not scaler_skips),
+                                                       stop.signal is not None)
                     if bad:  # never applied: the weights stay finite
                         optimizer.zero_grad(set_to_none=True)
                     else:
