@@ -55,6 +55,30 @@ def is_sharded(model: nn.Module) -> bool:
             or any(isinstance(p, DTensor) or is_zero3(p) for p in model.parameters()))
 
 
+@contextmanager
+def built_whole():
+    """Inside, transformers builds models whole even where accelerate runs DeepSpeed ZeRO-3 (elsewhere its
+    ``from_pretrained`` builds them partitioned, under ``zero.Init``). For models used outside DeepSpeed's
+    engine — a pipeline's frozen text encoder — which would otherwise hold empty partitions nobody gathers;
+    what the engine trains it partitions at ``prepare``. (accelerate's ``zero3_init_context_manager`` does
+    not reach transformers 5, which reads only its DeepSpeed config.)"""
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+        from transformers.integrations import unset_hf_deepspeed_config
+    except ImportError:
+        yield
+        return
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None or not plugin.hf_ds_config.is_zero3():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def deepspeed_optimizer(optimizer):
     """DeepSpeed's own optimizer (ZeRO 1–3, bf16/fp16 wrappers: each process holds a part of the state)
     inside accelerate's wrapper, or None when the optimizer is not one of DeepSpeed's."""

@@ -184,13 +184,14 @@ def control_ddp(setup, tmp_path_factory):
     return control_run(setup, tmp_path_factory.mktemp("control-ddp") / "out")
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow), "deepspeed_zero3"])
 def test_control_script_under_accelerates_fsdp_equals_ddp(setup, control_ddp, tmp_path, engine):
-    """Under accelerate's FSDP (tests/accelerate_sharded_cpu.py; the UNet and the control encoder prepared as
-    one model) two processes train exactly as under DDP: the UNet adapter and the control encoder saved
-    from the shards equal DDP's."""
+    """Under accelerate's FSDP or DeepSpeed ZeRO-3 (tests/accelerate_sharded_cpu.py; the UNet and the control
+    encoder prepared as one model) two processes train exactly as under DDP: the UNet adapter and the control
+    encoder saved from the shards / partitions equal DDP's."""
     expected, expected_result = control_ddp
-    tensors, result = control_run(setup, tmp_path / engine, engine, "BasicTransformerBlock,ResnetBlock2D")
+    wrap = "BasicTransformerBlock,ResnetBlock2D" if engine.startswith("fsdp") else None
+    tensors, result = control_run(setup, tmp_path / engine, engine, wrap)
     assert result["processes"] == expected_result["processes"] == 2
     assert result["losses"] == pytest.approx(expected_result["losses"], abs=1e-5)
     assert result["steps"] == expected_result["steps"] == 3

@@ -162,7 +162,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
                            "timm_checkpoint": args.timm_checkpoint, "timm_kwargs": args.timm_kwargs}}
     unwrapped = accelerator.unwrap_model(model)
     bv.save_adapter(unwrapped.backbone, run_dir / "adapter")  # every process (sharded: gathered), process 0 writes
-    head = {k: full_tensor(v).contiguous() for k, v in unwrapped.head.state_dict().items()}
+    head = {k: full_tensor(v).contiguous() for k, v in unwrapped.head.state_dict(keep_vars=True).items()}
     if accelerator.is_main_process:
         save_file(head, str(run_dir / "head.safetensors"))
         write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2))

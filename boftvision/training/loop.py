@@ -291,8 +291,8 @@ def train_steps(accelerator, args: argparse.Namespace, trained: nn.Module, model
     from tqdm.auto import tqdm
 
     if validate is not None and is_sharded(trained):  # process 0 alone cannot run a sharded model's forward
-        raise ValueError("validation images during a sharded (FSDP) run are not supported: leave out "
-                         "--validation_prompt / --validation_image and draw from the saved adapter afterwards "
+        raise ValueError("validation images during a sharded (FSDP, DeepSpeed ZeRO-3) run are not supported: leave "
+                         "out --validation_prompt / --validation_image and draw from the saved adapter afterwards "
                          "(python -m boftvision.generate --adapter_path OUTPUT_DIR --prompt …)")
     out = Path(args.output_dir)
     step, losses = 0, []

@@ -47,7 +47,7 @@ class ControlEncoder(torch.nn.Module):
         the prepared whole's ``full_parameters``); process 0 writes."""
         from safetensors.torch import save_file
 
-        tensors = {k: full_tensor(v) for k, v in self.state_dict().items()}
+        tensors = {k: full_tensor(v) for k, v in self.state_dict(keep_vars=True).items()}  # ZeRO-3: parameters
         if rank() != 0:
             return
         folder = Path(folder)

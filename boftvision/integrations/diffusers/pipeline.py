@@ -18,6 +18,7 @@ from ...config import LoRAConfig
 from ...files import atomic_folder, check_model_location
 from ...inject import adapted_layers, adapter_configs, merge_and_unload, remove_adapter
 from ...io import lycoris
+from ...sharding import built_whole
 from .control import control_signal
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -78,8 +79,8 @@ def load_pipeline(name_or_path: str | Path = EMBEDDED, dtype: torch.dtype = torc
         cls = StableDiffusionXLPipeline
     else:
         cls, extra = StableDiffusionPipeline, {**extra, "safety_checker": None, "requires_safety_checker": False}
-    with warnings.catch_warnings():  # diffusers' own rename of torch_dtype, not the user's concern
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+    with warnings.catch_warnings(), built_whole():  # (a pipeline runs whole, also under DeepSpeed ZeRO-3)
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # diffusers' own rename
         pipe = cls.from_pretrained(str(name_or_path), torch_dtype=dtype, revision=revision, variant=variant, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
