@@ -146,15 +146,20 @@ class Part:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A whole CPU copy of a parameter (an FSDP2 DTensor or a ZeRO-3 partition is gathered: collective —
-    every process calls it, for the same parameters in the same order)."""
+    every process calls it, for the same parameters in the same order). A parameter DeepSpeed trains gives
+    its optimizer's fp32 weight: under DeepSpeed's bf16/fp16 the module holds a 16-bit copy."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
         tensor = tensor.full_tensor()
-    elif is_zero3(tensor):
+    elif is_zero3(tensor) or hasattr(tensor, "_hp_mapping"):  # DeepSpeed's: ZeRO-3, or trained by ZeRO-1/2
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        master = safe_get_full_fp32_param(tensor) if tensor.requires_grad else None
+        if master is not None:
+            return master.detach().cpu().clone().contiguous()
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=is_zero3(tensor)):
             return tensor.detach().cpu().clone().contiguous()
     return tensor.detach().cpu().clone().contiguous()
 

@@ -208,6 +208,36 @@ def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
         (out / kind / "resume.json").write_text(json.dumps(result))
 
 
+def bf16_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
+    """DeepSpeed with bf16 (the module cast to bf16, fp32 weights in its optimizer): LoRA on the Llama, two
+    steps, saved. Writes ``DIR/<kind>/bf16.json``: the module's dtype, the saved dtypes, and the largest
+    difference between the saved tensors and the optimizer's fp32 weights."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import load_file
+
+    config = {**deepspeed_config(kind, world), "bf16": {"enabled": True}}
+    model = adapted("llama", "lora", kind)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config,
+                                           optimizer=torch.optim.AdamW(trainable(model), lr=1e-2))
+    data, rows = batch(), rows_of(rank, world)
+    for _ in range(2):
+        engine.backward(engine(input_ids=data["ids"][rows], labels=data["ids"][rows]).loss)
+        engine.step()
+    folder = out / kind / "bf16-lora"
+    bv.save_adapter(engine, folder)
+    masters = {"base_model.model." + n.replace(".adapters.default", ""): safe_get_full_fp32_param(p)
+               for n, p in engine.module.named_parameters() if p.requires_grad}  # (collective)
+    dist.barrier()
+    if rank == 0:
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        assert saved.keys() == masters.keys(), sorted(saved)[:2]
+        diff = max(float((saved[k] - masters[k]).abs().max()) for k in saved)
+        (out / kind / "bf16.json").write_text(json.dumps({
+            "module": str(next(p for p in engine.module.parameters() if p.requires_grad).dtype),
+            "saved": sorted({str(t.dtype) for t in saved.values()}), "difference": diff}))
+
+
 def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> None:
     import warnings
 
@@ -219,8 +249,10 @@ def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> Non
     try:
         for kind in kinds:
             train(kind, out, rank, world)
-            if kind != "ddp":
+            if kind not in ("ddp", "zero3init"):  # (zero3init's optimizer is zero3's)
                 resume_check(kind, out, rank, world)
+            if kind in ("zero2", "zero3"):
+                bf16_check(kind, out, rank, world)
     finally:
         dist.destroy_process_group()
 

@@ -119,3 +119,28 @@ def test_lm_and_dreambooth_scripts_under_accelerates_fsdp_on_cuda(engine, lm_run
     for part in ("unet", "text_encoder"):
         ours, theirs = adapter(runs["fsdp"], part), adapter(runs["plain"], part)
         assert all((ours[k] - theirs[k]).abs().max() <= 1e-4 for k in theirs), part
+
+
+def test_lm_script_under_accelerates_deepspeed_zero3_on_cuda(lm_run_inputs, tmp_path):
+    """train_lm_boft.py under `configs/accelerate/deepspeed_zero3.yaml` on one GPU (DeepSpeed's CUDA
+    accelerator and its engine, the model loaded partitioned): the fp32 run equals the plain one (≤ 1e-4), a
+    bf16 run keeps its loss falling and its saved adapter fp32."""
+    import json
+
+    from conftest import accelerate_launch, lm_script_args
+    from safetensors.torch import load_file
+
+    pytest.importorskip("deepspeed")  # a dev dependency; a machine given only the wheels of some may lack it
+    plain, zero3, bf16 = tmp_path / "plain", tmp_path / "zero3", tmp_path / "bf16"
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, plain), processes=1, device="cuda")
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, zero3), "deepspeed_zero3", processes=1,
+                      device="cuda", report=tmp_path / "report")
+    report = (tmp_path / "report.0").read_text()
+    assert "DistributedType.DEEPSPEED fsdp_version=None processes=1 zero_stage=3" in report
+    ours, theirs = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (zero3, plain))
+    assert ours.keys() == theirs.keys() and all((ours[k] - theirs[k]).abs().max() <= 1e-4 for k in theirs)
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, bf16), "deepspeed_zero3", processes=1,
+                      device="cuda", mixed_precision="bf16")
+    losses = json.loads((bf16 / "results.json").read_text())["losses"]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    assert all(t.dtype == torch.float32 for t in load_file(bf16 / "adapter" / "adapter_model.safetensors").values())
