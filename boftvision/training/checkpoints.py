@@ -138,9 +138,8 @@ def plain_data(value):
         return value
     if isinstance(value, dict):
         return {k: plain_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain_data(v) for v in value) if type(value) in (list, tuple) else \
-            [plain_data(v) for v in value]
+    if isinstance(value, (list, tuple)):  # (a named tuple becomes a tuple)
+        return [plain_data(v) for v in value] if isinstance(value, list) else tuple(plain_data(v) for v in value)
     if hasattr(value, "__dict__"):
         return {"__attributes__": plain_data(vars(value))}
     return KEPT
@@ -196,14 +195,11 @@ def load_deepspeed_training_state(model: nn.Module, optimizer, state: dict, path
     if missing:
         raise ValueError(f"checkpoint {path} holds parameters this model lacks: {missing[:3]}; was it made "
                          "with other adapter settings?")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            if is_zero3(params[name]):
-                import deepspeed
+    import deepspeed
 
-                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-                    params[name].copy_(value)
-            else:
+    with torch.no_grad():
+        for name, value in state["trainable"].items():  # (ZeRO-3: process 0's copy goes into the partitions)
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0, enabled=is_zero3(params[name])):
                 params[name].copy_(value)
     zero = deepspeed_optimizer(optimizer)
     running = zero.state_dict()

@@ -102,10 +102,9 @@ def accelerator_from_args(args: argparse.Namespace, find_unused_parameters: bool
     check_requirements(args)
     if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
-                              kwargs_handlers=[DistributedDataParallelKwargs(
-                                  find_unused_parameters=find_unused_parameters)],
+                              mixed_precision=args.mixed_precision, kwargs_handlers=[ddp],
                               log_with=None if args.report_to in (None, "none") else args.report_to,
                               project_config=ProjectConfiguration(
                                   project_dir=str(out), logging_dir=str(out / getattr(args, "logging_dir", "logs"))))
