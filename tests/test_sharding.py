@@ -197,18 +197,29 @@ def assert_run_by_deepspeed(report: Path, stage: int) -> None:
         assert "DeepSpeedEngine" in line.split("modules=")[1].split(","), line
 
 
-def test_lm_script_under_accelerates_deepspeed_zero3_equals_ddp_and_resumes(lm_run_inputs, lm_ddp, tmp_path):
+@pytest.fixture(scope="module")
+def lm_zero3(lm_run_inputs, tmp_path_factory):
+    """train_lm_boft.py under configs/accelerate/deepspeed_zero3.yaml, a checkpoint at step 3."""
+    out = tmp_path_factory.mktemp("lm-zero3")
+    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, out / "run", "--checkpointing_steps", "3"),
+                      "deepspeed_zero3", report=out / "report")
+    return out
+
+
+def test_lm_script_under_accelerates_deepspeed_zero3_equals_ddp(lm_zero3, lm_ddp):
     """train_lm_boft.py unchanged under `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`
     (transformers loads the Llama partitioned, under zero.Init; the adapters are added to it) trains as under
-    DDP; a run resumed from its step-3 checkpoint (every process's ZeRO partition, written by process 0) ends
-    on the same adapter."""
-    out = tmp_path / "zero3"
-    accelerate_launch("train_lm_boft.py", lm_script_args(lm_run_inputs, out, "--checkpointing_steps", "3"),
-                      "deepspeed_zero3", report=tmp_path / "report")
-    assert_run_by_deepspeed(tmp_path / "report", 3)
-    assert_same_run(out, lm_ddp)
-    state = torch.load(out / "checkpoint-3" / "training_state.pt", weights_only=True)
+    DDP; its checkpoint holds every process's ZeRO partition, written by process 0."""
+    assert_run_by_deepspeed(lm_zero3 / "report", 3)
+    assert_same_run(lm_zero3 / "run", lm_ddp)
+    state = torch.load(lm_zero3 / "run" / "checkpoint-3" / "training_state.pt", weights_only=True)
     assert state["deepspeed"] and len(state["optimizer"]["deepspeed_parts"]) == 2 and len(state["rng"]) == 2
+
+
+@pytest.mark.slow  # ~20 s; `make test-all` (the resume itself is in the default suite: sharded_run's zero2/zero3)
+def test_lm_script_under_accelerates_deepspeed_zero3_resumes(lm_run_inputs, lm_zero3, tmp_path):
+    """A run resumed from the ZeRO-3 run's step-3 checkpoint ends on the same adapter."""
+    out = lm_zero3 / "run"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
@@ -241,7 +252,7 @@ UNET_AND_TEXT_BLOCKS = "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer"
 
 @pytest.fixture(scope="module")
 def dreambooth_runs(tiny_sd, tmp_path_factory):
-    """DreamBooth with --train_text_encoder in two processes under DDP, FSDP2, FSDP1 and DeepSpeed ZeRO-3."""
+    """DreamBooth with --train_text_encoder in two processes under DDP, FSDP2 and FSDP1."""
     folder = tmp_path_factory.mktemp("dreambooth-accelerate")
     write_instance_images(folder / "instance", 4)
     text = ("--train_text_encoder",)
@@ -250,8 +261,6 @@ def dreambooth_runs(tiny_sd, tmp_path_factory):
         out = folder / f"fsdp{version}"
         accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, folder, out, *text), f"fsdp{version}",
                           UNET_AND_TEXT_BLOCKS, report=folder / f"report{version}")
-    accelerate_launch("train_dreambooth_boft.py", dreambooth_args(tiny_sd, folder, folder / "zero3", *text),
-                      "deepspeed_zero3", report=folder / "report-zero3")
     return folder
 
 
@@ -269,10 +278,14 @@ def test_dreambooth_script_under_accelerates_fsdp_equals_ddp(dreambooth_runs, ve
         assert result["steps"] == 4 and result["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_dreambooth_script_under_accelerates_deepspeed_zero3_equals_ddp(dreambooth_runs):
+@pytest.mark.slow  # ~15 s; `make test-all`
+def test_dreambooth_script_under_accelerates_deepspeed_zero3_equals_ddp(dreambooth_runs, tiny_sd):
     """The same under configs/accelerate/deepspeed_zero3.yaml: the UNet and the text encoder prepared as one
     DeepSpeed engine (accelerate's DeepSpeed takes one model), every parameter partitioned."""
     out = dreambooth_runs / "zero3"
+    accelerate_launch("train_dreambooth_boft.py",
+                      dreambooth_args(tiny_sd, dreambooth_runs, out, "--train_text_encoder"), "deepspeed_zero3",
+                      report=dreambooth_runs / "report-zero3")
     assert_run_by_deepspeed(dreambooth_runs / "report-zero3", 3)
     assert_same_run(out, dreambooth_runs / "ddp")
     assert json.loads((out / "results.json").read_text())["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
