@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
 
     run = train_steps(accelerator, args, model, [model], optimizer, scheduler, loader, loss_fn)
     bv.save_adapter(model, f"{args.output_dir}/adapter")  # every process (gathered where sharded)
+    accelerator.end_training()  # (as the scripts do: a multi-process run leaves its process group cleanly)
     return {"step": run.step, "losses": run.losses}
 
 
