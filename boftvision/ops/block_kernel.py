@@ -23,7 +23,14 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from .orthogonal import apply_factor, apply_two_product, high_coordinates, permute_copy, permute_into
+from .orthogonal import (
+    SWAP_CHUNKS,
+    apply_factor,
+    apply_two_product,
+    high_coordinates,
+    permute_copy,
+    permute_into,
+)
 
 BLOCK_SIZES = (8, 16, 32, 64)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -146,11 +153,11 @@ class TwoProductChain(torch.autograd.Function):
             a = flat[part]
             for i, (blocks, permuted) in enumerate(stages):
                 if permuted:
-                    a = permute_into(inputs[i][part], a, (t, *ctx.to_h), (0, 1, 3, 2, 4))
+                    a = permute_into(inputs[i][part], a, (t, *ctx.to_h), SWAP_CHUNKS)
                 a = grouped_product(a, weights[i], blocks.shape[0])
                 dest = inputs[1][part] if i == 0 else out[part]
                 if permuted:
-                    a = permute_into(dest, a, (t, *ctx.from_h), (0, 1, 3, 2, 4))
+                    a = permute_into(dest, a, (t, *ctx.from_h), SWAP_CHUNKS)
                 elif i == 1:
                     dest.copy_(a)
         ctx.save_for_backward(*inputs, *[blocks for blocks, _ in stages])
@@ -176,16 +183,17 @@ class TwoProductChain(torch.autograd.Function):
                 blocks, permuted = stages[i]
                 n, b = blocks.shape[0], blocks.shape[-1]
                 if permuted:  # the backward of the copy out of H's coordinates
-                    g = permute_copy(g, (t, *ctx.to_h), (0, 1, 3, 2, 4)).view(t, d)
+                    g = permute_copy(g, (t, *ctx.to_h), SWAP_CHUNKS).view(t, d)
                 if need_blocks[i]:
                     grad_blocks[i].baddbmm_(inputs[i][part].view(t, n, b).permute(1, 2, 0),
                                             g.view(t, n, b).transpose(0, 1))
                 if i == 0 and not need_x:
                     break
                 g = grouped_product(g, blocks.reshape(d, b, 1, 1), n)
-                if permuted:
-                    g = permute_copy(g, (t, *ctx.from_h), (0, 1, 3, 2, 4)).view(t, d) if i else \
-                        permute_into(grad_x[part], g, (t, *ctx.from_h), (0, 1, 3, 2, 4))
+                if permuted and i == 1:
+                    g = permute_copy(g, (t, *ctx.from_h), SWAP_CHUNKS).view(t, d)
+                elif permuted:
+                    permute_into(grad_x[part], g, (t, *ctx.from_h), SWAP_CHUNKS)
                 elif i == 0:
                     grad_x[part] = g
         first_grad, second_grad = grad_blocks

@@ -475,10 +475,13 @@ def block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return apply_factor(x, blocks, 0)
 
 
+SWAP_CHUNKS = (0, 1, 3, 2, 4)  # (T, s, j, l, h) ↔ (T, s, l, j, h): see high_coordinates
+
+
 def high_coordinates(width: int, n_factors: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A row's features as (segments, j, l, h) — span segment, high chunk bits, low chunk bits, element of a
     b/2-chunk — and as H's coordinates order them, (segments, l, j, h): ``permute_copy(x, (T, *to_h),
-    (0, 1, 3, 2, 4))`` moves T rows into H's coordinates, the same with ``from_h`` back."""
+    SWAP_CHUNKS)`` moves T rows into H's coordinates, the same with ``from_h`` back."""
     k, half = two_product_split(n_factors), block_size // 2
     c_high, c_low = 2 ** (n_factors - k - 1), 2 ** (k + 1)
     segments = width // (c_high * c_low * half)
@@ -492,7 +495,8 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
     if high is None:
         return product(x, low.transpose(-1, -2) if transpose else low)
     lead, d = x.shape[:-1], x.shape[-1]
-    (segments, c_high, c_low, half), _ = high_coordinates(d, n_factors, block_size)
+    to_h, from_h = high_coordinates(d, n_factors, block_size)
+    segments, c_high, c_low, half = to_h
 
     def high_product(v, blocks):  # (segments·c_low) blocks of c_high·half, on the coordinates (s, j, l, h)
         tokens = v.numel() // d
@@ -501,9 +505,9 @@ def apply_two_product(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor | N
             v = torch.bmm(v.reshape(segments * c_low, tokens, c_high * half), blocks)
             return PermuteCopy.apply(v, (segments, c_low, tokens, c_high, half), (2, 0, 3, 1, 4)).reshape(*lead, d)
         # the fused kernel takes blocks contiguous along the features: (T, s, l, j, h)
-        v = PermuteCopy.apply(v, (tokens, segments, c_high, c_low, half), (0, 1, 3, 2, 4)).reshape(tokens, d)
+        v = PermuteCopy.apply(v, (tokens, *to_h), SWAP_CHUNKS).reshape(tokens, d)
         v = product(v, blocks)
-        return PermuteCopy.apply(v, (tokens, segments, c_low, c_high, half), (0, 1, 3, 2, 4)).reshape(*lead, d)
+        return PermuteCopy.apply(v, (tokens, *from_h), SWAP_CHUNKS).reshape(*lead, d)
 
     if transpose:  # x Rᵀ = x Lᵀ Hᵀ
         return high_product(product(x, low.transpose(-1, -2)), high.transpose(-1, -2))
