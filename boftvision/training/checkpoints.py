@@ -191,10 +191,7 @@ def load_deepspeed_training_state(model: nn.Module, optimizer, state: dict, path
                          f"{dist.get_world_size()}: ZeRO splits the optimizer's state by process, resume with "
                          f"{len(parts)} (--num_processes {len(parts)})")
     params = {clean_name(n): p for n, p in unwrap(model).named_parameters()}
-    missing = [n for n in state["trainable"] if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint {path} holds parameters this model lacks: {missing[:3]}; was it made "
-                         "with other adapter settings?")
+    check_parameters(state, params, path)
     import deepspeed
 
     with torch.no_grad():
@@ -315,36 +312,37 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
         raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain data, which could "
                          "run code when loaded; refusing it. Checkpoints written by boftvision hold only tensors: "
                          "delete this one (or resume from another) if you did not make it yourself") from err
-    if state.get("deepspeed") or deepspeed_optimizer(optimizer) is not None:
-        if not (state.get("deepspeed") and deepspeed_optimizer(optimizer) is not None):
-            written, now = ("a DeepSpeed", "without DeepSpeed") if state.get("deepspeed") else ("a non-DeepSpeed",
-                                                                                               "under DeepSpeed")
-            raise ValueError(f"checkpoint {path} was written by {written} run and this run is {now}: resume it the "
-                             "way it was written (the same accelerate config and number of processes)")
+    written_by_deepspeed, under_deepspeed = bool(state.get("deepspeed")), deepspeed_optimizer(optimizer) is not None
+    if written_by_deepspeed != under_deepspeed:
+        written, now = ("a DeepSpeed", "without DeepSpeed") if written_by_deepspeed else ("a non-DeepSpeed",
+                                                                                          "under DeepSpeed")
+        raise ValueError(f"checkpoint {path} was written by {written} run and this run is {now}: resume it the "
+                         "way it was written (the same accelerate config and number of processes)")
+    if under_deepspeed:
         load_deepspeed_training_state(model, optimizer, state, Path(path))
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        return json.loads((Path(path) / "state.json").read_text())
-    if state.get("sharded"):
+    elif state.get("sharded"):
         if not is_sharded(model):
             raise ValueError(f"checkpoint {path} was written by a sharded (FSDP) run: resume it sharded the same way")
         load_sharded_training_state(model, optimizer, state)
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        return json.loads((Path(path) / "state.json").read_text())
-    params = dict(model.named_parameters())
+    else:
+        params = dict(model.named_parameters())
+        check_parameters(state, params, path)
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def check_parameters(state: dict, params: dict, path) -> None:
+    """Refuse a checkpoint holding trainable parameters the model lacks (other adapter settings)."""
     missing = [n for n in state["trainable"] if n not in params]
     if missing:
         raise ValueError(f"checkpoint {path} holds parameters this model lacks: {missing[:3]}; was it made "
                          "with other adapter settings?")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return json.loads((Path(path) / "state.json").read_text())
 
 
 def claim_output_dir(output_dir: str | Path, overwrite: bool = False, resume: str | None = None,
