@@ -210,8 +210,9 @@ def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
 
 def bf16_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
     """DeepSpeed with bf16 (the module cast to bf16, fp32 weights in its optimizer): LoRA on the Llama, two
-    steps, saved. Writes ``DIR/<kind>/bf16.json``: the module's dtype, the saved dtypes, and the largest
-    difference between the saved tensors and the optimizer's fp32 weights."""
+    steps, saved. Writes ``DIR/<kind>/bf16.json``: the module's dtype, the saved dtypes, the largest
+    difference between the saved tensors and the optimizer's fp32 weights, and the error ``add_adapter``
+    gives on the DeepSpeed engine."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     from safetensors.torch import load_file
@@ -224,6 +225,11 @@ def bf16_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
     for _ in range(2):
         engine.backward(engine(input_ids=data["ids"][rows], labels=data["ids"][rows]).loss)
         engine.step()
+    try:
+        bv.add_adapter(engine, bv.LoRAConfig(r=2, target_modules=["k_proj"]))
+        refused = None
+    except ValueError as err:
+        refused = str(err)
     folder = out / kind / "bf16-lora"
     bv.save_adapter(engine, folder)
     masters = {"base_model.model." + n.replace(".adapters.default", ""): safe_get_full_fp32_param(p)
@@ -235,7 +241,7 @@ def bf16_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
         diff = max(float((saved[k] - masters[k]).abs().max()) for k in saved)
         (out / kind / "bf16.json").write_text(json.dumps({
             "module": str(next(p for p in engine.module.parameters() if p.requires_grad).dtype),
-            "saved": sorted({str(t.dtype) for t in saved.values()}), "difference": diff}))
+            "saved": sorted({str(t.dtype) for t in saved.values()}), "difference": diff, "refused": refused}))
 
 
 def worker(rank: int, world: int, kinds: list[str], out: Path, port: int) -> None:

@@ -54,9 +54,12 @@ def test_two_processes_equal_one(runs, kind):
 @pytest.mark.parametrize("kind", ["zero2", "zero3"])
 def test_deepspeed_bf16_saves_the_optimizers_fp32_weights(runs, kind):
     """Under DeepSpeed's bf16 the module holds bf16 copies of the adapter; the saved adapter is the
-    optimizer's fp32 weights, exactly (it was the bf16 copy, 5e-4 off, before)."""
+    optimizer's fp32 weights, exactly (it was the bf16 copy, 5e-4 off, before). Adding adapters to the
+    DeepSpeed engine is refused with the fix."""
     result = json.loads((runs / kind / "bf16.json").read_text())
+    refused = result.pop("refused")
     assert result == {"module": "torch.bfloat16", "saved": ["torch.float32"], "difference": 0.0}
+    assert refused and "DeepSpeedEngine at the root" in refused and "add adapters to the plain model first" in refused
 
 
 @pytest.mark.parametrize("method", ["lora", "oft", "boft"])
