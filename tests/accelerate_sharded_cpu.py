@@ -12,7 +12,9 @@ on the script's own code path:
         tests/accelerate_sharded_cpu.py train_scripts/train_lm_boft.py ...
 
 Each process writes ``$BOFTVISION_ENGINE_REPORT.<rank>`` (when set): the distributed type and the wrapped
-model classes accelerate prepared, so a test can check that the run was sharded.
+model classes accelerate prepared, so a test can check that the run was sharded. With
+``$BOFTVISION_NAN_LOSS_AT=<k>``, process 0's k-th call of ``torch.nn.functional.cross_entropy`` (the
+scripts' and transformers' losses) returns NaN, the other processes' stay finite.
 """
 import os
 import runpy
@@ -63,6 +65,20 @@ def reporting_prepare(self, *args, **kwargs):
     return prepared
 
 
+def nan_on_process_0(call: int):
+    """``F.cross_entropy`` whose ``call``-th result on process 0 is NaN."""
+    original, calls = torch.nn.functional.cross_entropy, []
+
+    def cross_entropy(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == call and os.environ.get("RANK") == "0" else loss
+
+    return cross_entropy
+
+
+if os.environ.get("BOFTVISION_NAN_LOSS_AT"):
+    torch.nn.functional.cross_entropy = nan_on_process_0(int(os.environ["BOFTVISION_NAN_LOSS_AT"]))
 state.AcceleratorState.__init__ = engine_on_cpu
 accelerate.Accelerator.prepare = reporting_prepare
 script = sys.argv[1]

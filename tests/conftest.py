@@ -80,7 +80,8 @@ def tiny_sd(tmp_path_factory):
 
 
 def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | None = None, report=None,
-                       processes: int = 2, device: str = "cpu", mixed_precision: str = "no") -> tuple[list, dict]:
+                       processes: int = 2, device: str = "cpu", mixed_precision: str = "no",
+                       nan_loss_at: int | None = None) -> tuple[list, dict]:
     """``(command, env)`` that runs a training script under ``accelerate launch``. Default: two CPU
     processes over gloo.
 
@@ -90,6 +91,7 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
     which accelerate enables only for accelerator devices; on CUDA it only reports), with ``wrap`` as FSDP's
     auto-wrapped block classes; on CPU FSDP1's ``sync_module_states`` is off (not supported there).
     ``report``: a path prefix each process writes what accelerate prepared to (``<report>.<rank>``).
+    ``nan_loss_at``: process 0's loss is NaN at that call of ``F.cross_entropy`` (through the same shim).
     """
     import os
     import sys
@@ -103,7 +105,10 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision,
                "--dynamo_backend", "no"]
-    target = [str(root / "train_scripts" / script)]
+    shim = engine != "ddp" or nan_loss_at is not None
+    target = [str(root / "tests" / "accelerate_sharded_cpu.py")] * shim + [str(root / "train_scripts" / script)]
+    if nan_loss_at is not None:
+        env["BOFTVISION_NAN_LOSS_AT"] = str(nan_loss_at)
     if engine == "ddp":
         command += ["--multi_gpu"] if processes > 1 else []
     else:
@@ -111,7 +116,6 @@ def accelerate_command(script, script_args, engine: str = "ddp", wrap: str | Non
         command += ["--config_file", str(config)]
         command += ["--fsdp_sync_module_states", "false"] if engine == "fsdp1" and device == "cpu" else []
         command += ["--fsdp_transformer_layer_cls_to_wrap", wrap] if wrap else []
-        target.insert(0, str(root / "tests" / "accelerate_sharded_cpu.py"))
         if report:
             env["BOFTVISION_ENGINE_REPORT"] = str(report)
     return [*command, *target, *script_args], env

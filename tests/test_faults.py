@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,22 @@ def test_a_nan_step_is_skipped_under_deepspeed_as_under_ddp(tmp_path):
     for key, value in runs["ddp"].items():
         assert torch.isfinite(value).all(), key
         torch.testing.assert_close(runs["zero2"][key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_of_an_epoch_loop(lm_run_inputs, tmp_path):
+    """train_lm_boft.py (an epoch loop, like the VTAB and GLUE scripts) in two processes, process 0's loss NaN
+    at step 3: both stop at step 3 with TrainingDiverged, process 1 naming the other process, before the step
+    is applied — not process 1 dying in its next collective (gloo's "connection closed by peer" under
+    torchrun; a wait until the timeout elsewhere), which it did when process 0 decided alone."""
+    from conftest import accelerate_command, lm_script_args
+
+    cmd, env = accelerate_command("train_lm_boft.py", lm_script_args(lm_run_inputs, tmp_path / "run"), nan_loss_at=3)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    diverged = r"\[rank{}\]: boftvision\.training\.checkpoints\.TrainingDiverged: step 3: {}"
+    for rank, what in enumerate(["the loss is nan; stopping before it is applied", "another process's loss"]):
+        assert re.search(diverged.format(rank, what), run.stderr), run.stderr[-3000:]
+    assert "Connection closed" not in run.stderr
 
 
 def test_save_adapter_refuses_non_finite_tensors(tmp_path, net):

@@ -220,11 +220,11 @@ def test_glue_sigterm_mid_epoch_resumes_exactly(models, tmp_path, monkeypatch):
     full = train_glue_boft.main(args(tmp_path / "full"))
     real, steps = train_glue_boft.stop_if_diverged, []
 
-    def check_then_signal(loss, step):
+    def check_then_signal(loss, step, accelerator=None):
         steps.append(step)
         if len(steps) == 6:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(loss, step)
+        return real(loss, step, accelerator)
 
     monkeypatch.setattr(train_glue_boft, "stop_if_diverged", check_then_signal)
     with pytest.raises(SystemExit) as stopped:

@@ -164,7 +164,7 @@ def train_and_evaluate(args, accelerator, data, seed: int, run_dir: Path) -> dic
             running = partial["loss_sum"] if partial and epoch == start else 0.0
             for batch in batches:
                 loss = model(**batch).loss
-                stop_if_diverged(loss, progress.n + 1)
+                stop_if_diverged(loss, progress.n + 1, accelerator)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()

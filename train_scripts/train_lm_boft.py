@@ -124,7 +124,7 @@ def train(args) -> dict:
             for batch in batches:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
-                    stop_if_diverged(loss, step + 1)
+                    stop_if_diverged(loss, step + 1, accelerator)
                     accelerator.backward(loss)
                     optimizer.step()
                     scheduler.step()

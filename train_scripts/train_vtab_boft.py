@@ -132,7 +132,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
             epoch_loss = partial["loss_sum"] if partial and epoch == start_epoch else 0.0
             for images, labels in batches:
                 loss = torch.nn.functional.cross_entropy(model(images), labels)
-                stop_if_diverged(loss, progress.n + 1)
+                stop_if_diverged(loss, progress.n + 1, accelerator)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()

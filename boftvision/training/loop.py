@@ -176,12 +176,19 @@ def on_any_process(accelerator, *flags: bool) -> list[bool]:
     return [bool(f) for f in gathered.amax(dim=0)]
 
 
-def stop_if_diverged(loss: torch.Tensor, step: int) -> None:
-    """For the epoch-based loops: a non-finite loss stops the run before its step is applied."""
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise TrainingDiverged(f"step {step}: the loss is {loss.detach().float().mean().item()!r}; stopping before "
-                               "it is applied. Lower --learning_rate and resume with --resume_from_checkpoint "
-                               "latest (the newest checkpoint holds finite weights)")
+def stop_if_diverged(loss: torch.Tensor, step: int, accelerator=None) -> None:
+    """For the epoch-based loops: a non-finite loss stops the run before its step is applied (before the
+    backward: DeepSpeed's engine steps inside it). With ``accelerator`` every process calls it and they stop
+    together on any one's loss (a collective), instead of the others dying in their next collective with
+    the launcher's "connection closed" or, launched without torchrun, waiting there until its timeout."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    elsewhere = accelerator is not None and accelerator.num_processes > 1 and on_any_process(accelerator, bad)[0]
+    if bad or elsewhere:
+        value = loss.detach().float().mean().item()
+        what = f"the loss is {value!r}" if bad else "another process's loss is not finite"
+        raise TrainingDiverged(f"step {step}: {what}; stopping before it is applied. Lower --learning_rate and "
+                               "resume with --resume_from_checkpoint latest (the newest checkpoint holds finite "
+                               "weights)")
 
 
 class StopSignals:
