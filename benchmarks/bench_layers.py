@@ -7,10 +7,12 @@ Every row's step runs once per round, rounds repeated ``--iters`` times, and eac
 fastest step: the machine's drifts reach all rows alike, and ratios are within one run. Rows in one
 process share the allocator's heap and the caches, which moves their ratios (on a 2-core x86 CPU the
 full butterfly's by up to 0.15); ``--isolate`` times each row in a process of its own, interleaved with
-the frozen base there — what one model training alone sees.
+the frozen base there — what one model training alone sees. ``--keep-freed-memory`` sets glibc up the
+way the training scripts do on CPU (freed memory kept for the next step, no page faults re-taken).
 
     python benchmarks/bench_layers.py                          # CPU, small sizes
     python benchmarks/bench_layers.py --widths 1024 --no-peft --isolate
+    python benchmarks/bench_layers.py --widths 1024 --no-peft --isolate --keep-freed-memory
     python benchmarks/bench_layers.py --device cuda --dtype bf16 --widths 1024 4096 --tokens 8192
 
 PEFT's BOFT silently runs with one butterfly factor when its CUDA extension does not build (always on
@@ -34,6 +36,7 @@ from torch import nn
 import boftvision as bv
 from boftvision.adapters import OrthogonalAdapter, orthogonal
 from boftvision.inject import find_targets
+from boftvision.training import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -176,15 +179,19 @@ def main() -> None:
                         help="pin the rotation side of our OFT/BOFT (default: chosen per layer by cost)")
     parser.add_argument("--isolate", action="store_true",
                         help="time each row in its own process with the frozen base (no inference rows)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="on CPU, have glibc keep freed memory for the next step, as the training scripts do "
+                             "(boftvision.training.keep_freed_memory); default: glibc as it comes")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # --isolate's child: exactly this row and the frozen base
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], args.device
     OrthogonalAdapter.rotation_side = args.side
+    kept = args.keep_freed_memory and keep_freed_memory(device)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
 
     print(f"device={device} dtype={args.dtype} tokens={args.tokens} layers={args.layers} torch={torch.__version__} "
-          f"rotation side={args.side}")
+          f"rotation side={args.side} freed memory={'kept' if kept else 'as the allocator does'}")
     print("| width | model | step ms | × frozen | saved for backward MiB | CUDA step GiB | page faults / step |")
     print("|---|---|---|---|---|---|---|")
     for width in args.widths:
@@ -247,7 +254,7 @@ def isolated(args, width: int, labels: list[str]) -> None:
     (interleaved there); its ratio is to that process's frozen base, whose time is the first row."""
     forwarded = ["--device", args.device, "--dtype", args.dtype, "--widths", str(width), "--tokens", str(args.tokens),
                  "--layers", str(args.layers), "--iters", str(args.iters), "--warmup", str(args.warmup),
-                 "--side", args.side]
+                 "--side", args.side] + ["--keep-freed-memory"] * args.keep_freed_memory
     for i, label in enumerate(label for label in labels if label != "frozen base"):
         run = subprocess.run([sys.executable, __file__, *forwarded, "--only", label], capture_output=True, text=True,
                              check=True)

@@ -38,6 +38,7 @@ from .loop import (
     cosine_with_warmup,
     deepspeed_clipping,
     exit_for_signal,
+    keep_freed_memory,
     make_optimizer,
     prepare_epochs,
     push_to_hub,
@@ -57,7 +58,7 @@ __all__ = [
     "diffusers_step_counts", "run_cli", "SAFE_TO_CHANGE", "SECRETS", "TrainingDiverged", "check_resume_settings",
     "checkpoint_problem", "claim_output_dir", "list_checkpoints", "load_checkpoint", "resolve_checkpoint",
     "run_settings", "save_checkpoint", "EpochBatches", "StopSignals", "accelerator_from_args", "cosine_with_warmup",
-    "deepspeed_clipping",
-    "exit_for_signal", "make_optimizer", "prepare_epochs", "push_to_hub", "save_loss_plot", "seed_everything",
+    "deepspeed_clipping", "exit_for_signal", "keep_freed_memory", "make_optimizer", "prepare_epochs", "push_to_hub",
+    "save_loss_plot", "seed_everything",
     "start_trackers", "stop_if_diverged", "stop_requested", "tracked_accelerator", "train_steps",
 ]
