@@ -237,6 +237,27 @@ def test_glue_sigterm_mid_epoch_resumes_exactly(models, tmp_path, monkeypatch):
         assert ours == pytest.approx(theirs)
 
 
+def test_lm_initial_values_do_not_depend_on_how_the_model_loaded(models, tmp_path, monkeypatch):
+    """LoRA's random A and the data order come from --seed alone: a load that draws other random numbers
+    (transformers under DeepSpeed ZeRO-3 draws none) trains the same adapter."""
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": f"question {s} was {a} .", "response": "answer"} for s in SUBJECTS for a in POSITIVE[:2]]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    def run(out):
+        train_lm_boft.main(["--model_name_or_path", str(models / "llama"), "--train_file",
+                            str(tmp_path / "train.jsonl"), "--epochs", "1", "--train_batch_size", "8", "--adapter",
+                            "lora", "--output_dir", str(out)])
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+
+    plain = run(tmp_path / "plain")
+    load = train_lm_boft.load_model
+    monkeypatch.setattr(train_lm_boft, "load_model", lambda args: (torch.rand(7), load(args))[1])
+    drawn = run(tmp_path / "drawn")
+    assert plain.keys() == drawn.keys() and all(torch.equal(drawn[k], plain[k]) for k in plain)
+
+
 def test_lm_resume_from_a_mid_epoch_checkpoint_is_exact(models, tmp_path):
     import shutil
 

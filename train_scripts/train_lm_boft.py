@@ -94,6 +94,9 @@ def train(args) -> dict:
                                       gradient_accumulation_steps=args.gradient_accumulation_steps)
     seed_everything(args.seed)
     tokenizer, model = load_model(args)
+    # the adapter's initial values and the data order, the same however the model loaded (under DeepSpeed
+    # ZeRO-3 transformers builds it partitioned, drawing no random numbers)
+    seed_everything(args.seed)
     add_task_adapter(model, adapter_config_from_args(args, None), preset=args.targets, heads=[])
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

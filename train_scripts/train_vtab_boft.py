@@ -94,9 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model(args, num_classes: int) -> Dinov2Classifier:
+def build_model(args, num_classes: int, seed: int) -> Dinov2Classifier:
     backbone = load_backbone(args.model_name_or_path, args.backbone_source, args.timm_checkpoint, args.image_size,
                              args.timm_kwargs)
+    # the head's and the adapter's initial values and the data order, the same however the backbone loaded
+    # (under DeepSpeed ZeRO-3 transformers builds it partitioned, drawing no random numbers)
+    seed_everything(seed)
     model = Dinov2Classifier(backbone, num_classes)
     return add_classifier_adapter(model, adapter_config_from_args(args, PRESETS[args.targets]))
 
@@ -109,7 +112,7 @@ def train_and_evaluate(args, accelerator: Accelerator, task: str, seed: int, lr:
                             allow_outside=args.allow_paths_outside_data_dir, skip_bad=args.skip_bad_files)
     eval_set = VTABDataset(args.data_root, task, eval_split, args.image_size, args.num_classes,
                            allow_outside=args.allow_paths_outside_data_dir, skip_bad=args.skip_bad_files)
-    model = build_model(args, train_set.num_classes)
+    model = build_model(args, train_set.num_classes, seed)
     params = bv.count_parameters(model.backbone)
     optimizer = make_optimizer(model, args, lr, args.weight_decay)
     train_loader = DataLoader(train_set, args.train_batch_size, shuffle=True, num_workers=args.num_workers,
