@@ -1,8 +1,9 @@
-"""Train every adapter for a few steps on a tiny Llama and a tiny UNet, wrapped the way users wrap
-them — FSDP2 (``fully_shard`` per block, then the model), FSDP1 (blocks auto-wrapped,
-``use_orig_params=True``), DeepSpeed ZeRO-2 / ZeRO-3 (``deepspeed.initialize``; ZeRO-3 partitions every
-parameter, small ones included; ``zero3init`` builds the model partitioned, under ``zero.Init``) or DDP —
-over gloo, or in one process (``single``); save each adapter.
+"""Train every adapter for a few steps on a tiny Llama and a tiny UNet (and LoRA and BOFT on a tiny GPT-2,
+whose Conv1D layers ``zero3init`` builds partitioned), wrapped the way users wrap them — FSDP2
+(``fully_shard`` per block, then the model), FSDP1 (blocks auto-wrapped, ``use_orig_params=True``),
+DeepSpeed ZeRO-2 / ZeRO-3 (``deepspeed.initialize``; ZeRO-3 partitions every parameter, small ones
+included; ``zero3init`` builds the model partitioned, under ``zero.Init``) or DDP — over gloo, or in one
+process (``single``); save each adapter.
 
     python tests/sharded_run.py --kinds fsdp2 fsdp1 ddp zero2 zero3 zero3init --out DIR [--port 29500]   # 2 processes
     python tests/sharded_run.py --kinds single --out DIR
@@ -40,6 +41,16 @@ def build_llama():
     return LlamaForCausalLM(config), ["q_proj", "v_proj", "down_proj"]
 
 
+def build_gpt2():
+    """GPT-2 keeps its projections in transformers' Conv1D (weight stored transposed): trained under ``single``
+    and ``zero3init`` only, where a partitioned Conv1D's shape comes from ``ds_shape``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout off, as in CONFIGS
+    return GPT2LMHeadModel(config), ["c_attn", "mlp.c_proj"]
+
+
 def build_unet():
     from diffusers import UNet2DConditionModel
 
@@ -48,6 +59,15 @@ def build_unet():
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
                                 norm_num_groups=16, cross_attention_dim=32, attention_head_dim=8)
     return unet, ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+MODELS = {"llama": build_llama, "unet": build_unet, "gpt2": build_gpt2}
+
+
+def runs_of(kind: str) -> list[tuple[str, str]]:
+    """(model, method) pairs trained under ``kind``."""
+    pairs = [(model, method) for model in ("llama", "unet") for method in CONFIGS]
+    return pairs + [("gpt2", method) for method in ("lora", "boft") if kind in ("single", "zero3init")]
 
 
 def blocks(model) -> list[torch.nn.Module]:
@@ -118,7 +138,7 @@ def rows_of(rank: int, world: int) -> slice:
 def adapted(model_name: str, method: str, kind: str):
     """A freshly built model (same seed every time) with the method's adapter, wrapped for ``kind``."""
     torch.manual_seed(0)
-    build = {"llama": build_llama, "unet": build_unet}[model_name]
+    build = MODELS[model_name]
     model, targets = build()
     if kind == "zero3init":
         model = built_partitioned(model, build)
@@ -132,7 +152,7 @@ def built_partitioned(model, build):
     left where building ``model`` left it, so the adapters added next start the same."""
     import deepspeed
     import torch._dynamo  # noqa: F401 - imported inside zero.Init (which patches Tensor.__new__) it fails
-    from transformers import LlamaForCausalLM  # noqa: F401 - likewise (transformers' lazy import pulls dynamo in)
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401 - likewise (transformers' lazy import)
 
     rng, state = torch.get_rng_state(), {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config("zero3init", dist.get_world_size())):
@@ -169,12 +189,11 @@ def trainable(model) -> list[torch.nn.Parameter]:
 def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
     losses = {}
     data, rows = batch(), rows_of(rank, world)
-    for model_name in ("llama", "unet"):
-        for method in CONFIGS:
-            model, optimizer = with_optimizer(adapted(model_name, method, kind), kind, torch.optim.SGD, 0.5, world)
-            losses[f"{model_name}-{method}"] = [train_step(model_name, model, optimizer, data, rows, world)
-                                                for _ in range(STEPS)]
-            bv.save_adapter(model, out / kind / f"{model_name}-{method}")  # every process calls it
+    for model_name, method in runs_of(kind):
+        model, optimizer = with_optimizer(adapted(model_name, method, kind), kind, torch.optim.SGD, 0.5, world)
+        losses[f"{model_name}-{method}"] = [train_step(model_name, model, optimizer, data, rows, world)
+                                            for _ in range(STEPS)]
+        bv.save_adapter(model, out / kind / f"{model_name}-{method}")  # every process calls it
     if rank == 0:
         (out / kind / "losses.json").write_text(json.dumps(losses))
     return losses

@@ -40,9 +40,9 @@ def runs(tmp_path_factory):
 def test_two_processes_equal_one(runs, kind):
     single = json.loads((runs / "single" / "losses.json").read_text())
     sharded = json.loads((runs / kind / "losses.json").read_text())
-    assert sorted(sharded) == sorted(single) and len(single) == 8  # {llama, unet} × 4 adapters
-    for run, losses in single.items():
-        assert sharded[run] == pytest.approx(losses, abs=1e-5), run
+    assert sorted(sharded) == sorted(f"{m}-{a}" for m, a in sharded_run.runs_of(kind)) and len(single) == 10
+    for run in sharded:  # {llama, unet} × 4 adapters (+ GPT-2's Conv1D × LoRA, BOFT under zero3init)
+        assert sharded[run] == pytest.approx(single[run], abs=1e-5), run
         ours, theirs = load_file(str(runs / "single" / run / "adapter_model.safetensors")), \
             load_file(str(runs / kind / run / "adapter_model.safetensors"))
         assert sorted(ours) == sorted(theirs), run
