@@ -227,6 +227,32 @@ def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
         (out / kind / "resume.json").write_text(json.dumps(result))
 
 
+def resume_elsewhere(kind: str, out: Path, wrap_as: str, steps_before: int = 0) -> tuple[list[float], list[str]]:
+    """Steps 3 and 4 of :func:`resume_check`'s BOFT run in this one process, the model plain (``single``) or
+    wrapped as ``wrap_as`` over a one-process group the caller started, resumed from the two-process
+    ``kind`` run's checkpoint — or, with ``kind="single"``, from one this process writes after its own 2
+    plain steps. Returns the losses and what ``load_checkpoint`` said."""
+    from boftvision.training import load_checkpoint, save_checkpoint
+
+    data, said = batch(), []
+
+    def fresh(kind):
+        return with_optimizer(adapted("llama", "boft", kind), kind, torch.optim.Adam, 1e-2)
+
+    def step(model, optimizer):
+        return train_step("llama", model, optimizer, data, rows_of(0, 1), 1)
+
+    checkpoint = out / kind / "run-boft" / "checkpoint-2"
+    if kind == "single":
+        model, optimizer = fresh("single")
+        for _ in range(2):
+            step(model, optimizer)
+        checkpoint = save_checkpoint(out / "single" / "run-boft", model, optimizer, None, 2)
+    model, optimizer = fresh(wrap_as)
+    load_checkpoint(checkpoint, model, optimizer, None, say=said.append)
+    return [step(model, optimizer) for _ in range(2)], said
+
+
 def bf16_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
     """DeepSpeed with bf16 (the module cast to bf16, fp32 weights in its optimizer): LoRA on the Llama, two
     steps, saved. Writes ``DIR/<kind>/bf16.json``: the module's dtype, the saved dtypes, the largest

@@ -146,6 +146,27 @@ def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(runs, kind):
     assert all("_fsdp_wrapped_module" not in name for name in state["trainable"])
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "single"])
+def test_checkpoints_resume_with_another_process_count_or_engine(runs, kind):
+    """A two-process FSDP run's checkpoint (whole tensors by name) resumes in one process, unsharded or under
+    FSDP2, and a one-process run's checkpoint under FSDP2: steps 3 and 4 equal the uninterrupted run's (the
+    two-process DDP-equivalent run of resume.json); a changed process count is said, for the RNG states."""
+    import torch.distributed as dist
+
+    straight = json.loads((runs / "fsdp2" / "resume.json").read_text())["boft"]["straight"]
+    if kind != "single":
+        losses, said = sharded_run.resume_elsewhere(kind, runs, "single")
+        assert losses == pytest.approx(straight[2:], abs=1e-6)
+        assert len(said) == 1 and "written by 2 process(es) and this run has 1" in said[0]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        losses, said = sharded_run.resume_elsewhere(kind, runs, "fsdp2")
+    finally:
+        dist.destroy_process_group()
+    assert losses == pytest.approx(straight[2:], abs=1e-6)
+    assert len(said) == (kind != "single")
+
+
 # --- the scripts under accelerate launch: its FSDP plugin against its DDP, two CPU processes ---------------
 def adapters_of(out: Path) -> dict:
     return {f.relative_to(out).as_posix(): load_file(f) for f in sorted(out.rglob("adapter_model.safetensors"))

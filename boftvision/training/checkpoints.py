@@ -112,15 +112,31 @@ def sharded_training_state(model: nn.Module, optimizer) -> tuple[dict, dict, lis
     return {n: t for n, t in model_state.items() if n in names}, optimizer_state, rngs
 
 
-def load_sharded_training_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Inverse of :func:`sharded_training_state` on an identically built and wrapped model: every process
-    reads the whole file and keeps its shards; each process gets its own RNG state back."""
+def load_sharded_training_state(model: nn.Module, optimizer, state: dict, path: Path, say=print) -> None:
+    """Inverse of :func:`sharded_training_state`. The tensors are whole and keyed by name, so the model may
+    be sharded another way, by another number of processes, or not at all: every process reads the whole
+    file and keeps its shards. Each process gets its own RNG state back (see :func:`process_rng`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    check_parameters(state, {clean_name(n): p for n, p in unwrap(model).named_parameters()}, path)
     optimizer = getattr(optimizer, "optimizer", optimizer)
     set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
-    _set_rng_state(state["rng"][rank()])
+    _set_rng_state(process_rng(state["rng"], path, say))
+
+
+def process_rng(saved: list[dict], path: Path, say=print) -> dict:
+    """This process's RNG state from a checkpoint that holds one per writing process: its own when the
+    process counts match, else that of process (rank mod writers), said once (process 0)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world != len(saved) and rank() == 0:
+        say(f"checkpoint {path} was written by {len(saved)} process(es) and this run has {world}: the adapter, "
+            f"optimizer and schedule resume exactly; random numbers (dropout, shuffling) go on from the writers' "
+            f"states (process i takes process i mod {len(saved)}'s), so the steps from here are not the ones "
+            f"{len(saved)} process(es) would have taken")
+    return saved[rank() % len(saved)]
 
 
 KEPT = "<taken from the running optimizer>"
@@ -320,10 +336,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
                          "way it was written (the same accelerate config and number of processes)")
     if under_deepspeed:
         load_deepspeed_training_state(model, optimizer, state, Path(path))
-    elif state.get("sharded"):
-        if not is_sharded(model):
-            raise ValueError(f"checkpoint {path} was written by a sharded (FSDP) run: resume it sharded the same way")
-        load_sharded_training_state(model, optimizer, state)
+    elif state.get("sharded"):  # whole tensors by name: any FSDP layout, any process count, or none
+        load_sharded_training_state(model, optimizer, state, Path(path), say)
+    elif is_sharded(model):  # a one-process checkpoint into a sharded run: the same, the optimizer's state by name
+        state = {**state, "optimizer": optimizer_state_by_name(state["optimizer"], optimizer, model, Path(path)),
+                 "rng": [state["rng"]]}
+        load_sharded_training_state(model, optimizer, state, Path(path), say)
     else:
         params = dict(model.named_parameters())
         check_parameters(state, params, path)
@@ -335,6 +353,20 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     return json.loads((Path(path) / "state.json").read_text())
+
+
+def optimizer_state_by_name(saved: dict, optimizer, model: nn.Module, path: Path) -> dict:
+    """A torch optimizer's ``state_dict()`` (parameters by position) keyed by parameter name, as torch's
+    distributed state-dict API takes it; the positions are read from the running optimizer, built the same
+    way as the one that wrote it (as ``optimizer.load_state_dict`` assumes too)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    names = {id(p): clean_name(n) for n, p in unwrap(model).named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if sorted(i for g in saved["param_groups"] for i in g["params"]) != list(range(len(order))):
+        raise ValueError(f"checkpoint {path}: its optimizer held other parameters than this run's ({len(order)}); "
+                         "was it made with other adapter settings?")
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in saved["param_groups"]]
+    return {"state": {order[i]: value for i, value in saved["state"].items()}, "param_groups": groups}
 
 
 def check_parameters(state: dict, params: dict, path) -> None:
