@@ -78,8 +78,8 @@ def keep_freed_memory(device) -> bool:
 
     glibc gives freed memory at the top of its heap back to the system once it exceeds a threshold (16 MiB
     after a few 8 MiB tensors), so a step that allocates and frees its activations every step faults all of
-    their pages in again: on a 2-core x86 CPU ~13 thousand page faults and ~8 % of a BOFT step over four
-    1024-wide layers (docs/benchmarks.md). PyTorch's CPU tuning guide gets this reuse from jemalloc or
+    their pages in again: on a 2-core x86 CPU 11–15 thousand page faults and 3–8 % of a full-butterfly BOFT
+    step over four 1024-wide layers (docs/benchmarks.md). PyTorch's CPU tuning guide gets this reuse from jemalloc or
     tcmalloc; this is the same with glibc, in the process (``mallopt``): no trimming, blocks up to 32 MiB
     from the heap rather than fresh mappings. The process then holds on to its peak memory, as every GPU
     caching allocator does. Returns whether it was set: not for other devices, without glibc, or with
@@ -218,8 +218,8 @@ def stop_if_diverged(loss: torch.Tensor, step: int, accelerator=None) -> None:
     bad = not bool(torch.isfinite(loss.detach()).all())
     elsewhere = accelerator is not None and accelerator.num_processes > 1 and on_any_process(accelerator, bad)[0]
     if bad or elsewhere:
-        value = loss.detach().float().mean().item()
-        what = f"the loss is {value!r}" if bad else "another process's loss is not finite"
+        what = (f"the loss is {loss.detach().float().mean().item()!r}" if bad
+                else "another process's loss is not finite")
         raise TrainingDiverged(f"step {step}: {what}; stopping before it is applied. Lower --learning_rate and "
                                "resume with --resume_from_checkpoint latest (the newest checkpoint holds finite "
                                "weights)")
