@@ -227,7 +227,7 @@ def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
         (out / kind / "resume.json").write_text(json.dumps(result))
 
 
-def resume_elsewhere(kind: str, out: Path, wrap_as: str, steps_before: int = 0) -> tuple[list[float], list[str]]:
+def resume_elsewhere(kind: str, out: Path, wrap_as: str) -> tuple[list[float], list[str]]:
     """Steps 3 and 4 of :func:`resume_check`'s BOFT run in this one process, the model plain (``single``) or
     wrapped as ``wrap_as`` over a one-process group the caller started, resumed from the two-process
     ``kind`` run's checkpoint — or, with ``kind="single"``, from one this process writes after its own 2
@@ -236,8 +236,8 @@ def resume_elsewhere(kind: str, out: Path, wrap_as: str, steps_before: int = 0) 
 
     data, said = batch(), []
 
-    def fresh(kind):
-        return with_optimizer(adapted("llama", "boft", kind), kind, torch.optim.Adam, 1e-2)
+    def fresh(wrapped):
+        return with_optimizer(adapted("llama", "boft", wrapped), wrapped, torch.optim.Adam, 1e-2)
 
     def step(model, optimizer):
         return train_step("llama", model, optimizer, data, rows_of(0, 1), 1)
