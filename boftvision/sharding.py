@@ -44,6 +44,27 @@ def is_zero3(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "ds_id")
 
 
+def whole_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with whole, plain parameters. A module built partitioned by DeepSpeed ZeRO-3
+    (``zero.Init``) is gathered for it (collective: every process calls it) and the copy's parameters carry
+    no partition state, so the engine partitions the copy as a new module when it wraps the model (a plain
+    deep copy held the empty partitions, and the engine then partitioned empty tensors)."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    partitioned = [name for name, p in module.named_parameters() if is_zero3(p)]
+    if partitioned:
+        import deepspeed
+
+        originals = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters([originals[n] for n in partitioned], modifier_rank=None):
+            for name in partitioned:
+                owner, _, leaf = name.rpartition(".")
+                whole = originals[name].data.detach().clone()
+                setattr(clone.get_submodule(owner), leaf, nn.Parameter(whole, originals[name].requires_grad))
+    return clone
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether parameters of the model are sharded across processes: FSDP2's DTensors, DeepSpeed ZeRO-3's
     partitions, or FSDP1 units that shard (FSDP1's NO_SHARD — its choice for a single process — keeps every

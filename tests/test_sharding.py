@@ -351,3 +351,33 @@ def test_parts_are_called_through_the_whole():
     a, b = Part(whole, "a"), Part(whole, "b")
     assert torch.equal(a(x), whole["a"](x)) and b(x).shape == (5, 4) and calls == ["a", "b"]
     assert a.out_features == 2 and a.module is whole["a"] and copy.copy(b).name == "b"
+
+
+def test_glue_script_under_deepspeed_zero3_trains_its_head_as_under_ddp(tmp_path):
+    """train_glue_boft.py on a BERT saved without its classifier, so the head is created when the model loads
+    (under ZeRO-3: partitioned, by transformers' zero.Init) and trained whole as ``modules_to_save``: the
+    copy for training is taken from the gathered head (a plain copy held the empty partitions, and the run
+    died in DeepSpeed's parameter fetch). Same losses, same saved adapter and head as under DDP."""
+    sys.path.insert(0, str(ROOT / "demos"))
+    from minilm_glue_example import negation_rows, write_csv
+    from test_language import tiny, tokenizer_dir
+
+    tiny("bert").bert.save_pretrained(tmp_path / "bert")
+    tokenizer_dir(tmp_path / "bert", "bert")
+    train = write_csv(negation_rows(64, 0), tmp_path / "train.csv")
+    dev = write_csv(negation_rows(32, 1), tmp_path / "dev.csv")
+    runs = {}
+    for engine in ("ddp", "deepspeed_zero3"):
+        out = tmp_path / engine
+        accelerate_launch("train_glue_boft.py", [
+            "--model_name_or_path", str(tmp_path / "bert"), "--train_file", str(train), "--validation_file", str(dev),
+            "--train_batch_size", "16", "--learning_rate", "3e-2", "--adapter", "lora", "--epochs", "2",
+            "--output_dir", str(out)], engine)
+        runs[engine] = (json.loads((out / "results.json").read_text())["runs"][0]["history"], adapters_of(out))
+    (history, saved), (expected_history, expected) = runs["deepspeed_zero3"], runs["ddp"]
+    assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in expected_history], abs=1e-5)
+    assert saved.keys() == expected.keys() and saved
+    for part, tensors in expected.items():
+        assert any("classifier" in key for key in tensors) and saved[part].keys() == tensors.keys()
+        for key, value in tensors.items():
+            torch.testing.assert_close(saved[part][key], value, atol=1e-5, rtol=1e-5, msg=key)

@@ -3,11 +3,11 @@
 PEFT-named state, stored-parameter count)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..sharding import whole_copy
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -283,7 +283,7 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module(), name)
 
     def add_copy(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[name] = whole_copy(self.original_module)  # (a ZeRO-3 partitioned head gathered)
 
     def remove_copy(self, name: str) -> None:
         if name in self.modules_to_save:
