@@ -8,6 +8,7 @@ process must call a saving function of a sharded model: gathering is collective.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -49,8 +50,6 @@ def whole_copy(module: nn.Module) -> nn.Module:
     (``zero.Init``) is gathered for it (collective: every process calls it) and the copy's parameters carry
     no partition state, so the engine partitions the copy as a new module when it wraps the model (a plain
     deep copy held the empty partitions, and the engine then partitioned empty tensors)."""
-    import copy
-
     clone = copy.deepcopy(module)
     partitioned = [name for name, p in module.named_parameters() if is_zero3(p)]
     if partitioned:

@@ -200,6 +200,11 @@ def train(kind: str, out: Path, rank: int = 0, world: int = 1) -> dict:
     return losses
 
 
+def adam_llama(method: str, kind: str, world: int = 1):
+    """A fresh Llama with ``method``'s adapter, wrapped for ``kind``, and Adam (the resume checks' run)."""
+    return with_optimizer(adapted("llama", method, kind), kind, torch.optim.Adam, 1e-2, world)
+
+
 def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
     """Adam on BOFT and VB-LoRA (Llama): 4 steps straight, against 2 steps, a training checkpoint, a fresh
     model and optimizer that load it, and steps 3 and 4 (step 4's loss shows step 3's update, which reads
@@ -210,7 +215,7 @@ def resume_check(kind: str, out: Path, rank: int = 0, world: int = 1) -> None:
     result = {}
     for method in ("boft", "vblora"):
         def fresh():
-            return with_optimizer(adapted("llama", method, kind), kind, torch.optim.Adam, 1e-2, world)
+            return adam_llama(method, kind, world)
 
         def step(model, optimizer):
             return train_step("llama", model, optimizer, data, rows, world)
@@ -237,19 +242,16 @@ def resume_elsewhere(kind: str, out: Path, wrap_as: str) -> tuple[list[float], l
 
     data, said = batch(), []
 
-    def fresh(wrapped):
-        return with_optimizer(adapted("llama", "boft", wrapped), wrapped, torch.optim.Adam, 1e-2)
-
     def step(model, optimizer):
         return train_step("llama", model, optimizer, data, rows_of(0, 1), 1)
 
     checkpoint = out / kind / "run-boft" / "checkpoint-2"
     if kind == "single":
-        model, optimizer = fresh("single")
+        model, optimizer = adam_llama("boft", "single")
         for _ in range(2):
             step(model, optimizer)
         checkpoint = save_checkpoint(out / "single" / "run-boft", model, optimizer, None, 2)
-    model, optimizer = fresh(wrap_as)
+    model, optimizer = adam_llama("boft", wrap_as)
     load_checkpoint(checkpoint, model, optimizer, None, say=said.append)
     return [step(model, optimizer) for _ in range(2)], said
 

@@ -319,11 +319,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
     Loads tensors and plain data only (``weights_only=True``): a checkpoint holding any other pickled
     object is refused before it can run anything. With ``settings`` (:func:`run_settings`), a checkpoint
     of a run with other settings is refused first (see :func:`check_resume_settings`)."""
+    path = Path(path)
     if settings is not None:
-        saved = json.loads((Path(path) / "state.json").read_text()).get("settings")
-        check_resume_settings(saved, settings, Path(path), say)
+        saved = json.loads((path / "state.json").read_text()).get("settings")
+        check_resume_settings(saved, settings, path, say)
     try:
-        state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain data, which could "
                          "run code when loaded; refusing it. Checkpoints written by boftvision hold only tensors: "
@@ -335,13 +336,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
         raise ValueError(f"checkpoint {path} was written by {written} run and this run is {now}: resume it the "
                          "way it was written (the same accelerate config and number of processes)")
     if under_deepspeed:
-        load_deepspeed_training_state(model, optimizer, state, Path(path))
+        load_deepspeed_training_state(model, optimizer, state, path)
     elif state.get("sharded"):  # whole tensors by name: any FSDP layout, any process count, or none
-        load_sharded_training_state(model, optimizer, state, Path(path), say)
+        load_sharded_training_state(model, optimizer, state, path, say)
     elif is_sharded(model):  # a one-process checkpoint into a sharded run: the same, the optimizer's state by name
-        state = {**state, "optimizer": optimizer_state_by_name(state["optimizer"], optimizer, model, Path(path)),
+        state = {**state, "optimizer": optimizer_state_by_name(state["optimizer"], optimizer, model, path),
                  "rng": [state["rng"]]}
-        load_sharded_training_state(model, optimizer, state, Path(path), say)
+        load_sharded_training_state(model, optimizer, state, path, say)
     else:
         params = dict(model.named_parameters())
         check_parameters(state, params, path)
@@ -352,7 +353,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, se
         _set_rng_state(state["rng"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return json.loads((Path(path) / "state.json").read_text())
+    return json.loads((path / "state.json").read_text())
 
 
 def optimizer_state_by_name(saved: dict, optimizer, model: nn.Module, path: Path) -> dict:
